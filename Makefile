@@ -1,0 +1,46 @@
+# The README's two commands are `make run` and `make test`; .ci/run calls `make test`.
+# Both set everything up first (virtual environment, packages, dataset) and are idempotent.
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.bnutils-installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9A-Z]*.ipynb))
+
+.PHONY: run test setup data lint unit nbval results benchmarks format
+
+## make run: set up, then execute every notebook in place (profile: $BNUTILS_PROFILE, default full)
+run: setup
+	$(BIN)/python tools/notebooks.py run
+
+## make test: set up, then lint, unit tests, notebooks under nbval (quick profile)
+test: setup lint unit nbval
+
+setup: $(STAMP) data
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+data: $(STAMP)
+	bash tools/ensure_data.sh $(BIN)/python
+
+lint: setup
+	$(BIN)/ruff check bnutils tests tools benchmarks notebooks
+
+unit: setup
+	BNUTILS_PROFILE=quick $(BIN)/python -m pytest -q tests
+
+nbval: setup
+	BNUTILS_PROFILE=quick $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env $(NOTEBOOKS)
+
+## make results: rebuild the README's results table and figures from saved result files
+results: setup
+	$(BIN)/python tools/results_table.py
+
+format: setup
+	$(BIN)/ruff format bnutils tests tools benchmarks

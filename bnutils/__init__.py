@@ -1,0 +1,57 @@
+"""bnutils: batch normalization in Keras 3 / TensorFlow, measured.
+
+Importing ``bnutils`` is cheap and has no side effects: every name below is loaded from
+its module on first use (so ``import bnutils`` does not import TensorFlow).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    # config / repro / data
+    "Profile": "config",
+    "PROFILES": "config",
+    "get_profile": "config",
+    "results_dir": "config",
+    "set_seed": "repro",
+    "Dataset": "data",
+    "DatasetError": "data",
+    "load_dataset": "data",
+    "make_tf_dataset": "pipeline",
+    # models and BN layers
+    "build_mlp": "models",
+    "build_cnn": "models",
+    "build_resnet": "models",
+    "insert_batchnorm": "insertion",
+    "InsertionReport": "insertion",
+    "ScratchBatchNormalization": "scratch",
+    "FusedBatchNormalization": "layers",
+    "GhostBatchNormalization": "layers",
+    # training and evaluation
+    "train": "training",
+    "TrainResult": "training",
+    # inference
+    "fold_batchnorm": "folding",
+    "export_savedmodel": "export",
+    "load_for_inference": "export",
+    "check_batch_independence": "inference",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bnutils' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"bnutils.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,116 @@
+"""Run profiles: one environment variable makes every notebook small (CI) or full (readers).
+
+``BNUTILS_PROFILE=quick`` selects small subsets, one or two epochs and few seeds;
+``BNUTILS_PROFILE=full`` (the default) runs the real experiment. Notebooks read every
+size from :func:`get_profile` and never hard-code them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+__all__ = ["PROFILE_ENV", "PROFILES", "Profile", "get_profile", "repo_root", "results_dir"]
+
+PROFILE_ENV = "BNUTILS_PROFILE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Sizes of one run profile.
+
+    Attributes:
+        name: ``"quick"`` or ``"full"``.
+        train_size: training examples used (``None``: all of them).
+        val_size: validation examples carved from the training set.
+        test_size: test examples used (``None``: all 10,000).
+        epochs: epochs of a normal training run.
+        long_epochs: epochs of the suite's best-accuracy run.
+        seeds: seeds per configuration in comparisons.
+        sweep_points: points per axis of a hyperparameter sweep.
+        tuner_trials: KerasTuner trials.
+        batch_size: default batch size.
+    """
+
+    name: str
+    train_size: int | None
+    val_size: int
+    test_size: int | None
+    epochs: int
+    long_epochs: int
+    seeds: int
+    sweep_points: int
+    tuner_trials: int
+    batch_size: int = 128
+
+    @property
+    def is_quick(self) -> bool:
+        return self.name == "quick"
+
+    def seed_list(self, start: int = 0) -> list[int]:
+        """The seeds a comparison runs: ``start, start + 1, ...``."""
+        return list(range(start, start + self.seeds))
+
+
+PROFILES: dict[str, Profile] = {
+    "quick": Profile(
+        name="quick",
+        train_size=2_000,
+        val_size=1_000,
+        test_size=2_000,
+        epochs=2,
+        long_epochs=2,
+        seeds=3,
+        sweep_points=3,
+        tuner_trials=2,
+    ),
+    "full": Profile(
+        name="full",
+        train_size=None,
+        val_size=5_000,
+        test_size=None,
+        epochs=10,
+        long_epochs=30,
+        seeds=5,
+        sweep_points=7,
+        tuner_trials=10,
+    ),
+}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """Return the active profile.
+
+    Args:
+        name: a profile name; ``None`` reads ``$BNUTILS_PROFILE`` (default ``"full"``).
+
+    Raises:
+        ValueError: the name is not a known profile.
+    """
+    source = "argument `name`"
+    if name is None:
+        name = os.environ.get(PROFILE_ENV, "full")
+        source = f"environment variable {PROFILE_ENV}"
+    key = str(name).strip().lower()
+    if key not in PROFILES:
+        raise ValueError(
+            f"Unknown profile {name!r} (from {source}). Expected one of "
+            f"{sorted(PROFILES)}: set {PROFILE_ENV}=quick for CI-size runs or "
+            f"{PROFILE_ENV}=full for the real experiment."
+        )
+    return PROFILES[key]
+
+
+def repo_root() -> Path:
+    """The repository root (the folder holding ``bnutils/``)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def results_dir(*parts: str, create: bool = True) -> Path:
+    """A folder under ``results/`` (or ``$BNUTILS_RESULTS``), created on demand."""
+    base = Path(os.environ.get("BNUTILS_RESULTS", repo_root() / "results"))
+    path = base.joinpath(*parts)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path

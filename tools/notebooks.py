@@ -1,0 +1,128 @@
+"""Execute the notebook suite, keep the navigation lines, and check the output policy.
+
+    python tools/notebooks.py run [NAME ...]   # execute in place (profile: $BNUTILS_PROFILE)
+    python tools/notebooks.py nav              # rewrite the previous/next navigation lines
+    python tools/notebooks.py check            # verify the committed-output policy
+
+Output policy: the committed notebooks carry the outputs of a run in the *full* profile
+(metadata ``bnutils.profile == "full"``), every code cell has been executed in order, and
+no cell stores an error. ``make run`` produces exactly that; CI re-executes the notebooks
+in the quick profile with nbval and never writes them back.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+NB_DIR = ROOT / "notebooks"
+NAV_MARK = "<!-- nav -->"
+
+
+def notebooks() -> list[Path]:
+    return sorted(p for p in NB_DIR.glob("*.ipynb") if p.name[0].isdigit() or p.name[0] == "A")
+
+
+def _title(path: Path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    for c in nb.cells:
+        if c.cell_type == "markdown":
+            for line in c.source.splitlines():
+                if line.startswith("# "):
+                    return line[2:].strip()
+    return path.stem
+
+
+def nav() -> None:
+    paths = notebooks()
+    titles = [_title(p) for p in paths]
+    for i, p in enumerate(paths):
+        parts = []
+        if i > 0:
+            parts.append(f"← Previous: [{titles[i - 1]}]({paths[i - 1].name})")
+        parts.append("[Index](../README.md#notebooks)")
+        if i + 1 < len(paths):
+            parts.append(f"Next: [{titles[i + 1]}]({paths[i + 1].name}) →")
+        line = f"{NAV_MARK}\n" + " | ".join(parts)
+        nb = nbformat.read(p, as_version=4)
+        nb.cells = [c for c in nb.cells if not c.source.startswith(NAV_MARK)]
+        nb.cells.insert(0, nbformat.v4.new_markdown_cell(line))
+        nb.cells.append(nbformat.v4.new_markdown_cell(line))
+        for c in nb.cells:
+            c.pop("id", None)
+        nbformat.validator.normalize(nb)
+        nbformat.write(nb, p)
+
+
+def run(names: list[str]) -> None:
+    from nbclient import NotebookClient
+
+    profile = os.environ.setdefault("BNUTILS_PROFILE", "full")
+    selected = notebooks()
+    if names:
+        selected = [p for p in selected if any(n in p.name for n in names)]
+    for p in selected:
+        start = time.perf_counter()
+        print(f"[{profile}] executing {p.name} ...", flush=True)
+        nb = nbformat.read(p, as_version=4)
+        client = NotebookClient(nb, timeout=3600, kernel_name="python3",
+                                resources={"metadata": {"path": str(NB_DIR)}})
+        client.execute()
+        seconds = time.perf_counter() - start
+        nb.metadata["bnutils"] = {
+            "profile": profile,
+            "executed": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
+            "seconds": round(seconds, 1),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
+            if not _has_gpu() else f"{platform.machine()} with GPU",
+        }
+        nbformat.write(nb, p)
+        print(f"  done in {seconds:.0f} s", flush=True)
+
+
+def _has_gpu() -> bool:
+    try:
+        import tensorflow as tf
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    except Exception:
+        return False
+
+
+def check() -> list[str]:
+    problems = []
+    for p in notebooks():
+        nb = nbformat.read(p, as_version=4)
+        meta = nb.metadata.get("bnutils", {})
+        if meta.get("profile") != "full":
+            problems.append(f"{p.name}: outputs are not from a full-profile run "
+                            f"(metadata profile={meta.get('profile')!r}); run "
+                            f"`BNUTILS_PROFILE=full python tools/notebooks.py run {p.stem}`.")
+        counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
+        if any(n is None for n in counts) or counts != sorted(counts):
+            problems.append(f"{p.name}: code cells not all executed in order: {counts}.")
+        for i, c in enumerate(nb.cells):
+            if c.cell_type == "code" and any(o.get("output_type") == "error" for o in c.outputs):
+                problems.append(f"{p.name}: cell {i} stores an error output.")
+    return problems
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1] if len(sys.argv) > 1 else "check"
+    if cmd == "run":
+        run(sys.argv[2:])
+    elif cmd == "nav":
+        nav()
+    elif cmd == "check":
+        found = check()
+        print("\n".join(found) or "notebook output policy: OK")
+        sys.exit(1 if found else 0)
+    else:
+        sys.exit(__doc__)
