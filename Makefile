@@ -36,7 +36,7 @@ unit: setup
 	BNUTILS_PROFILE=quick $(BIN)/python -m pytest -q tests
 
 nbval: setup
-	BNUTILS_PROFILE=quick $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env $(NOTEBOOKS)
+	TF_CPP_MIN_LOG_LEVEL=2 BNUTILS_PROFILE=quick $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env $(NOTEBOOKS)
 
 ## make results: rebuild the README's results table and figures from saved result files
 results: setup

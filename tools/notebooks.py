@@ -55,9 +55,6 @@ def nav() -> None:
         nb.cells = [c for c in nb.cells if not c.source.startswith(NAV_MARK)]
         nb.cells.insert(0, nbformat.v4.new_markdown_cell(line))
         nb.cells.append(nbformat.v4.new_markdown_cell(line))
-        for c in nb.cells:
-            c.pop("id", None)
-        nbformat.validator.normalize(nb)
         nbformat.write(nb, p)
 
 
@@ -65,6 +62,7 @@ def run(names: list[str]) -> None:
     from nbclient import NotebookClient
 
     profile = os.environ.setdefault("BNUTILS_PROFILE", "full")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     selected = notebooks()
     if names:
         selected = [p for p in selected if any(n in p.name for n in names)]
@@ -76,6 +74,7 @@ def run(names: list[str]) -> None:
                                 resources={"metadata": {"path": str(NB_DIR)}})
         client.execute()
         seconds = time.perf_counter() - start
+        _drop_log_noise(nb)
         nb.metadata["bnutils"] = {
             "profile": profile,
             "executed": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
@@ -85,6 +84,27 @@ def run(names: list[str]) -> None:
         }
         nbformat.write(nb, p)
         print(f"  done in {seconds:.0f} s", flush=True)
+
+
+_NOISE = ("absl::InitializeLog()", "oneDNN custom operations", "cpu_feature_guard",
+          "This TensorFlow binary is optimized")
+
+
+def _drop_log_noise(nb) -> None:
+    """Remove TensorFlow's start-up log lines (C++ logging ignores TF_CPP_MIN_LOG_LEVEL)."""
+    for c in nb.cells:
+        if c.cell_type != "code":
+            continue
+        kept = []
+        for o in c.outputs:
+            if o.get("output_type") == "stream" and o.get("name") == "stderr":
+                lines = [ln for ln in o["text"].splitlines(keepends=True)
+                         if not any(n in ln for n in _NOISE)]
+                if not lines:
+                    continue
+                o["text"] = "".join(lines)
+            kept.append(o)
+        c.outputs = kept
 
 
 def _has_gpu() -> bool:

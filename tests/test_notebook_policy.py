@@ -1,0 +1,42 @@
+"""The committed notebooks follow the output policy of tools/notebooks.py."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("nbtool", ROOT / "tools" / "notebooks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_committed_notebooks_carry_full_run_outputs():
+    tool = _tool()
+    assert tool.notebooks(), "no notebooks found"
+    assert tool.check() == []
+
+
+def test_navigation_lines_are_consistent():
+    tool = _tool()
+    paths = tool.notebooks()
+    for i, p in enumerate(paths):
+        nb = nbformat.read(p, as_version=4)
+        first, last = nb.cells[0].source, nb.cells[-1].source
+        assert first.startswith(tool.NAV_MARK) and first == last, f"{p.name}: run tools/notebooks.py nav"
+        if i + 1 < len(paths):
+            assert paths[i + 1].name in first
+        if i > 0:
+            assert paths[i - 1].name in first
+
+
+def test_numbered_steps_are_in_order():
+    names = [p.name for p in _tool().notebooks() if p.name[0].isdigit()]
+    steps = [int(n[:2]) for n in names]
+    assert steps == sorted(steps) and steps[0] == 1
