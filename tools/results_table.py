@@ -1,0 +1,113 @@
+"""Rebuild the README's results section from the committed result files.
+
+    python tools/results_table.py          # rewrite README.md between the result markers
+    python tools/results_table.py --print  # print the section only
+
+Every number in the README's results section comes from a JSON file under ``results/`` that a
+notebook or a benchmark script wrote; this script only formats them. A missing file is reported
+as "not yet measured" rather than invented.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RES = ROOT / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+NB_START, NB_END = "<!-- notebooks:start -->", "<!-- notebooks:end -->"
+
+
+def _load(name: str):
+    p = RES / name
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _fmt(x, digits=3):
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _machine(d) -> str:
+    m = d.get("machine") if isinstance(d, dict) else None
+    if isinstance(m, dict):
+        return ", ".join(f"{k} {v}" for k, v in m.items())
+    return str(m) if m else "unknown machine"
+
+
+def section() -> str:
+    out = []
+    for fname, title, render in _SECTIONS:
+        d = _load(fname)
+        out.append(f"### {title}\n")
+        if d is None:
+            out.append(f"Not yet measured (`results/{fname}` is missing).\n")
+            continue
+        out.append(render(d))
+        out.append(f"\nSource: `results/{fname}`; {d.get('command', '')}; profile "
+                   f"`{d.get('profile', 'n/a')}`; {_machine(d)}.\n")
+    return "\n".join(out)
+
+
+def _render_rows(d) -> str:
+    """Generic renderer: a result file with a "rows" list of dicts and optional "notes"."""
+    rows = d.get("rows", [])
+    if not rows:
+        return "(no rows)\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    notes = d.get("notes", [])
+    return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "") + "\n"
+
+
+_SECTIONS = [
+    ("claims_audit.json", "With vs without BN: test accuracy and the claims audit (notebook 05)",
+     _render_rows),
+    ("tuning_summary.json", "Hyperparameters (notebook 06)", _render_rows),
+    ("bench_bn_layers.json", "Training-step cost of BN layers (benchmarks/bench_bn_layers.py)",
+     _render_rows),
+    ("bench_inference.json", "Inference latency: unfolded, folded, no BN "
+     "(benchmarks/bench_inference.py)", _render_rows),
+]
+
+
+def notebook_list() -> str:
+    import nbformat
+
+    lines = ["| notebook | step | full run |", "|---|---|---|"]
+    for p in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = nbformat.read(p, as_version=4)
+        title = next((ln[2:] for c in nb.cells if c.cell_type == "markdown"
+                      for ln in c.source.splitlines() if ln.startswith("# ")), p.stem)
+        meta = nb.metadata.get("bnutils", {})
+        run = f"{meta.get('profile', '?')}, {meta.get('seconds', '?')} s" if meta else "not run"
+        lines.append(f"| [`{p.name}`](notebooks/{p.name}) | {title} | {run} |")
+    return "\n".join(lines) + "\n"
+
+
+def _replace(text: str, start: str, end: str, body: str) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md lacks the markers {start} ... {end}")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}{end}{tail}"
+
+
+if __name__ == "__main__":
+    body = section()
+    if "--print" in sys.argv:
+        print(body)
+        sys.exit(0)
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    text = _replace(text, START, END, body)
+    text = _replace(text, NB_START, NB_END, notebook_list())
+    readme.write_text(text)
+    print("README.md results section rebuilt")
