@@ -1,0 +1,355 @@
+"""What does a BN layer cost? Training step and inference latency, no BN vs three BN layers.
+
+    .venv/bin/python benchmarks/bench_bn_layers.py           # full run (about 10 minutes)
+    .venv/bin/python benchmarks/bench_bn_layers.py --quick   # small CNN only, under a minute
+
+Models: a 5-conv CNN with pooling on Fashion-MNIST (28x28x1) and
+``keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3))`` on Fashion-MNIST
+images resized to 64x64 and repeated to 3 channels. Variants of each model:
+
+- ``none``: no BN (CNN: convs with bias; ResNet50: every BN replaced by ``Identity``);
+- ``keras``: ``keras.layers.BatchNormalization`` (moments + ``tf.nn.batch_normalization``);
+- ``fused``: ``bnutils.layers.FusedBatchNormalization`` (one ``FusedBatchNormV3`` kernel);
+- ``ghost``: ``bnutils.layers.GhostBatchNormalization`` (virtual batches of a quarter batch).
+
+Training: the time of one ``model.fit`` epoch (jit_compile off, as Keras picks on CPU),
+reported per step. Inference: the latency of one call of ``tf.function(model(x))`` on a batch
+of 1 and of 256. Variants are interleaved (in rotating order) within each repeat, after a
+warm-up, so that a slow spell of the shared machine hits all of them; the ratios vs ``none``
+are medians of per-repeat ratios. Results go to ``results/bench_bn_layers.json`` (``--quick``: ``bench_bn_layers_quick.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+VARIANTS = ("none", "keras", "fused", "ghost")
+
+# Sizes of a run: full (the default) and --quick.
+SETTINGS = {
+    "full": {
+        "cnn": {"train_images": 12_800, "batch_size": 128, "repeats": 5, "calls": {1: 50, 256: 5}},
+        "resnet50": {"train_images": 320, "batch_size": 32, "repeats": 3, "calls": {1: 10, 256: 1}},
+    },
+    "quick": {
+        "cnn": {"train_images": 2_560, "batch_size": 128, "repeats": 2, "calls": {1: 20, 256: 2}},
+    },
+}
+
+
+def build_cnn(variant: str, input_shape=(28, 28, 1), num_classes: int = 10,
+              virtual_batch_size: int = 32):
+    """The benchmark CNN: conv 32-32-pool-64-64-pool-128, global pooling, dense head.
+
+    Args:
+        variant: one of ``VARIANTS``.
+        input_shape: image shape.
+        num_classes: output units.
+        virtual_batch_size: ghost BN's virtual batch size.
+
+    Returns:
+        An uncompiled ``keras.Model``.
+    """
+    import keras
+
+    bn = _bn_factory(variant, virtual_batch_size)
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for i, (filters, pool) in enumerate([(32, 0), (32, 1), (64, 0), (64, 1), (128, 0)], 1):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=bn is None,
+                                name=f"conv{i}")(x)
+        if bn is not None:
+            x = bn(name=f"conv{i}_bn")(x)
+        x = keras.layers.ReLU(name=f"conv{i}_relu")(x)
+        if pool:
+            x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name=f"cnn_{variant}")
+
+
+def build_resnet50(variant: str, input_shape=(64, 64, 3), num_classes: int = 10,
+                   virtual_batch_size: int = 8):
+    """``keras.applications.ResNet50(weights=None)`` with its BN layers swapped per variant."""
+    import keras
+
+    from bnutils.layers import FusedBatchNormalization, GhostBatchNormalization, convert_batchnorm
+
+    keras.utils.set_random_seed(0)
+    base = keras.applications.ResNet50(weights=None, input_shape=input_shape, classes=num_classes)
+    if variant == "keras":
+        return base
+    if variant == "fused":
+        return convert_batchnorm(base, FusedBatchNormalization)
+    if variant == "ghost":
+        return convert_batchnorm(base, GhostBatchNormalization,
+                                 virtual_batch_size=virtual_batch_size)
+
+    class _Identity(keras.layers.Layer):
+        # keras.layers.Identity would do, but the recorded BN calls pass `mask`.
+        def call(self, inputs, training=None, mask=None):
+            return inputs
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+    def _identity(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return _Identity(name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    return keras.models.clone_model(base, clone_function=_identity)
+
+
+def _bn_factory(variant: str, virtual_batch_size: int):
+    import functools
+
+    import keras
+
+    from bnutils.layers import FusedBatchNormalization, GhostBatchNormalization
+
+    factories = {
+        "none": None,
+        "keras": keras.layers.BatchNormalization,
+        "fused": FusedBatchNormalization,
+        "ghost": functools.partial(GhostBatchNormalization, virtual_batch_size),
+    }
+    if variant not in factories:
+        raise ValueError(f"Unknown variant {variant!r}; expected one of {list(factories)}.")
+    return factories[variant]
+
+
+def _images(n: int, size: int | None = None):
+    """``n`` Fashion-MNIST training images (resized to ``size`` x ``size`` x 3 if given)."""
+    from bnutils.data import load_dataset
+
+    ds = load_dataset("fashion_mnist")
+    x, y = ds.x_train[:n], ds.y_train[:n]
+    if size is not None:
+        import tensorflow as tf
+
+        x = tf.image.grayscale_to_rgb(tf.image.resize(x, (size, size))).numpy()
+    return x, y
+
+
+def _stats(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "runs": values}
+
+
+def _paired_ratio(times: dict[str, list[float]], variant: str) -> float:
+    return statistics.median(t / b for t, b in zip(times[variant], times["none"], strict=True))
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def bench_model(name: str, build, x, y, batch_size: int, repeats: int, calls: dict[int, int],
+                variants=VARIANTS) -> dict:
+    """Time training epochs and inference calls of every variant of one model, interleaved.
+
+    Args:
+        name: the model's name in the report.
+        build: ``build(variant) -> keras.Model``.
+        x, y: training images and labels (one epoch is one pass over them).
+        batch_size: training batch size.
+        repeats: interleaved repeats.
+        calls: inference batch size -> calls timed per repeat.
+        variants: the variants to compare (``"none"`` first).
+
+    Returns:
+        A dict with the per-variant statistics and ratios vs ``"none"``.
+    """
+    import keras
+    import tensorflow as tf
+
+    from bnutils.pipeline import make_tf_dataset
+
+    data = make_tf_dataset(x, y, batch_size=batch_size, shuffle=False, drop_remainder=True)
+    steps = len(x) // batch_size
+    models, predict = {}, {}
+    t_build = time.perf_counter()
+    for variant in variants:
+        keras.utils.set_random_seed(0)
+        model = build(variant)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=False,
+        )
+        model.fit(data.take(2), epochs=1, shuffle=False, verbose=0)  # trace and warm up
+        predict[variant] = tf.function(lambda t, m=model: m(t, training=False))
+        models[variant] = model
+    inputs = {b: tf.constant(np.resize(x, (b, *x.shape[1:]))) for b in calls}
+    for variant in variants:
+        for t in inputs.values():
+            predict[variant](t).numpy()
+    _log(f"[{name}] built and warmed up {len(variants)} variants in "
+         f"{time.perf_counter() - t_build:.0f} s")
+
+    train = {v: [] for v in variants}
+    latency = {b: {v: [] for v in variants} for b in calls}
+    for r in range(repeats):
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        for variant in order:
+            start = time.perf_counter()
+            models[variant].fit(data, epochs=1, shuffle=False, verbose=0)
+            train[variant].append((time.perf_counter() - start) / steps * 1e3)
+            for b, n in calls.items():
+                per_call = []
+                for _ in range(n):
+                    start = time.perf_counter()
+                    predict[variant](inputs[b]).numpy()
+                    per_call.append((time.perf_counter() - start) * 1e3)
+                latency[b][variant].append(statistics.median(per_call))
+        _log(f"[{name}] repeat {r + 1}/{repeats}: step ms " + ", ".join(
+            f"{v} {train[v][-1]:.1f}" for v in variants))
+
+    result = {
+        "steps_per_epoch": steps,
+        "batch_size": batch_size,
+        "train_step_ms": {v: _stats(train[v]) for v in variants},
+        "train_ratio_vs_none": {v: _paired_ratio(train, v) for v in variants},
+        "latency_ms": {f"batch_{b}": {v: _stats(latency[b][v]) for v in variants} for b in calls},
+        "latency_ratio_vs_none": {
+            f"batch_{b}": {v: _paired_ratio(latency[b], v) for v in variants} for b in calls
+        },
+    }
+    return result
+
+
+def _rows(models: dict) -> list[dict]:
+    rows = []
+    for name, res in models.items():
+        for v in res["train_step_ms"]:
+            row = {
+                "model": name,
+                "bn": v,
+                "train step ms (median)": res["train_step_ms"][v]["median"],
+                "train vs no BN": res["train_ratio_vs_none"][v],
+            }
+            for key, lat in res["latency_ms"].items():
+                row[f"{key} ms (median)"] = lat[v]["median"]
+                row[f"{key} vs no BN"] = res["latency_ratio_vs_none"][key][v]
+            rows.append(row)
+    return rows
+
+
+def _machine() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def run(quick: bool = False, models: tuple[str, ...] | None = None,
+        repeats: int | None = None) -> dict:
+    """Run the benchmark and return its report (see the module docstring).
+
+    Args:
+        quick: the short run (sizes of ``SETTINGS["quick"]``).
+        models: ``"cnn"`` and/or ``"resnet50"`` (default: those of the chosen settings).
+        repeats: override the number of interleaved repeats.
+
+    Raises:
+        ValueError: an unknown model name.
+    """
+    profile = "quick" if quick else "full"
+    settings = SETTINGS[profile]
+    models = tuple(settings) if models is None else tuple(models)
+    unknown = sorted(set(models) - set(_BUILDERS))
+    if unknown:
+        raise ValueError(f"Unknown models {unknown}; expected names from {sorted(_BUILDERS)}.")
+    used, report = {}, {}
+    for name in models:
+        cfg = dict(settings.get(name) or SETTINGS["full"][name])
+        if repeats is not None:
+            cfg["repeats"] = repeats
+        used[name] = cfg
+        build, image_size = _BUILDERS[name]
+        x, y = _images(cfg["train_images"], size=image_size)
+        vbs = cfg["batch_size"] // 4
+        report[name] = bench_model(
+            name, lambda v, b=build, vbs=vbs: b(v, virtual_batch_size=vbs), x, y,
+            cfg["batch_size"], cfg["repeats"], cfg["calls"],
+        )
+    return {
+        "command": "python benchmarks/bench_bn_layers.py" + (" --quick" if quick else ""),
+        "profile": profile,
+        "machine": _machine(),
+        "settings": used,
+        "rows": _rows(report),
+        "notes": [
+            "Times are medians of interleaved repeats on a shared machine; ratios are medians "
+            "of per-repeat ratios vs no BN, measured in the same run.",
+            "Ghost BN uses virtual batches of a quarter of the batch; its inference is "
+            "Keras's BN.",
+        ],
+        "models": report,
+    }
+
+
+_BUILDERS = {"cnn": (build_cnn, None), "resnet50": (build_resnet50, 64)}
+
+
+def _print_report(report: dict) -> None:
+    for name, res in report["models"].items():
+        _log(f"\n{name}: batch {res['batch_size']}, {res['steps_per_epoch']} steps per epoch")
+        _log(f"{'bn':<6} {'step ms min':>11} {'median':>8} {'vs none':>8}"
+             + "".join(f" {k + ' ms':>14} {'vs none':>8}" for k in res["latency_ms"]))
+        for v, st in res["train_step_ms"].items():
+            line = (f"{v:<6} {st['min']:>11.2f} {st['median']:>8.2f} "
+                    f"{res['train_ratio_vs_none'][v]:>7.3f}x")
+            for key, lat in res["latency_ms"].items():
+                line += f" {lat[v]['median']:>14.2f} {res['latency_ratio_vs_none'][key][v]:>7.3f}x"
+            _log(line)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short run: small CNN only")
+    parser.add_argument("--models", nargs="+", choices=sorted(_BUILDERS), default=None,
+                        help="models to time (default: cnn and resnet50; cnn with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="JSON file (default: results/bench_bn_layers.json, "
+                        "or bench_bn_layers_quick.json with --quick)")
+    args = parser.parse_args(argv)
+
+    import tensorflow as tf
+
+    from bnutils.config import results_dir
+
+    tf.get_logger().setLevel("ERROR")  # one tf.function per variant is traced on purpose
+    report = run(quick=args.quick, models=args.models, repeats=args.repeats)
+    _print_report(report)
+    # A quick run never overwrites the full run's figures.
+    default_name = "bench_bn_layers_quick.json" if args.quick else "bench_bn_layers.json"
+    output = args.output or results_dir() / default_name
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    _log(f"\nsaved {output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Does folding BN pay at inference? Latency of a BN CNN unfolded, folded, and without BN.
+
+    .venv/bin/python benchmarks/bench_inference.py           # full run (a few minutes)
+    .venv/bin/python benchmarks/bench_inference.py --quick   # under a minute
+
+Model: a small VGG-style CNN on 28x28x1 inputs (conv 32-32-pool-64-64-pool-128-128,
+global average pooling, dense 128, dense 10), in three variants of the same architecture:
+
+- ``unfolded``: every conv and the hidden dense layer followed by BatchNormalization
+  (moving statistics randomized, as after training);
+- ``folded``: ``bnutils.folding.fold_batchnorm`` of ``unfolded`` (same outputs, checked);
+- ``no_bn``: the same layers with biases and no BN at all (the floor folding can reach).
+
+Each variant is called on a batch of 1 and of 256 in two modes: ``graph``, through
+``tf.function(model(x, training=False))`` (how a SavedModel serves), and ``eager``, plain
+``model(x, training=False)`` calls (where every layer adds Python overhead). Variants are interleaved in rotating order within each repeat, after a warm-up, so a
+slow spell of the shared machine hits all of them; ratios are medians of per-repeat ratios.
+Goals: ``folded / no_bn <= 1.05`` (folding removes all of BN's cost) and
+``unfolded / folded >= 1.2`` at batch 1 (where per-op overhead dominates).
+Results go to ``results/bench_inference.json`` (``--quick``: ``bench_inference_quick.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+VARIANTS = ("unfolded", "folded", "no_bn")
+MODES = ("graph", "eager")
+SETTINGS = {
+    "full": {"repeats": 9, "calls": {1: 200, 256: 8}},
+    "quick": {"repeats": 3, "calls": {1: 50, 256: 2}},
+}
+
+
+def build_vgg(batchnorm: bool, input_shape=(28, 28, 1), num_classes: int = 10, seed: int = 0):
+    """The benchmark CNN, with BN after every conv and the hidden dense layer or without BN.
+
+    Args:
+        batchnorm: insert BN (and drop the biases it makes redundant).
+        input_shape: image shape.
+        num_classes: output units.
+        seed: weight seed (the same for both variants).
+    """
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+
+    def block(x, units, conv=True):
+        layer = (
+            layers.Conv2D(units, 3, padding="same", use_bias=not batchnorm)
+            if conv
+            else (layers.Dense(units, use_bias=not batchnorm))
+        )
+        x = layer(x)
+        if batchnorm:
+            x = layers.BatchNormalization()(x)
+        return layers.ReLU()(x)
+
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for i, units in enumerate((32, 64, 128)):
+        x = block(block(x, units), units)
+        if i < 2:
+            x = layers.MaxPooling2D()(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = block(x, 128, conv=False)
+    outputs = layers.Dense(num_classes)(x)
+    return keras.Model(inputs, outputs, name="vgg_bn" if batchnorm else "vgg_no_bn")
+
+
+def _randomize_bn(model, seed: int = 0) -> None:
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0.0, 0.2, c))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, c))
+            layer.gamma.assign(rng.uniform(0.8, 1.2, c))
+            layer.beta.assign(rng.normal(0.0, 0.1, c))
+
+
+def _call_fn(model, mode: str):
+    """``graph``: a traced ``tf.function`` (how a SavedModel serves); ``eager``: plain calls."""
+    import tensorflow as tf
+
+    if mode == "graph":
+        return tf.function(lambda t: model(t, training=False))
+    return lambda t: model(t, training=False)
+
+
+def _latency(fn, x, calls: int) -> float:
+    """Seconds per call, over ``calls`` back-to-back calls."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(x).numpy()
+    return (time.perf_counter() - start) / calls
+
+
+def _stats(values: list[float]) -> dict:
+    return {"min_ms": 1e3 * min(values), "median_ms": 1e3 * statistics.median(values)}
+
+
+def _paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+
+
+def _machine() -> dict:
+    import keras
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "processor": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+    }
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def run(quick: bool = False) -> dict:
+    """Build the three variants, check folding is exact, time them interleaved."""
+    import tensorflow as tf
+
+    from bnutils.folding import fold_batchnorm
+
+    settings = SETTINGS["quick" if quick else "full"]
+    unfolded = build_vgg(batchnorm=True)
+    _randomize_bn(unfolded)
+    folded, report = fold_batchnorm(unfolded, return_report=True)
+    models = {"unfolded": unfolded, "folded": folded, "no_bn": build_vgg(batchnorm=False)}
+    _log(str(report).splitlines()[0])
+
+    rng = np.random.default_rng(0)
+    x_check = rng.uniform(size=(8, 28, 28, 1)).astype("float32")
+    ref = np.asarray(unfolded(x_check, training=False))
+    max_diff = float(np.abs(np.asarray(folded(x_check, training=False)) - ref).max())
+    rel_diff = max_diff / float(ref.std())
+    if rel_diff > 1e-4:
+        raise RuntimeError(f"Folded outputs differ from unfolded by {rel_diff:.2e} of the scale.")
+
+    results = {}
+    for mode in MODES:
+        results[mode] = {}
+        for batch_size, calls in settings["calls"].items():
+            calls = max(2, calls // 4) if mode == "eager" else calls
+            x = tf.constant(rng.uniform(size=(batch_size, 28, 28, 1)).astype("float32"))
+            fns = {name: _call_fn(model, mode) for name, model in models.items()}
+            for name in VARIANTS:
+                _latency(fns[name], x, max(2, calls // 4))  # trace and warm up
+            times = {name: [] for name in VARIANTS}
+            for r in range(settings["repeats"]):
+                order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
+                for name in order:
+                    times[name].append(_latency(fns[name], x, calls))
+            row = results[mode][str(batch_size)] = {
+                "calls_per_repeat": calls,
+                "latency": {name: _stats(times[name]) for name in VARIANTS},
+                "ratio_folded_over_no_bn": _paired_ratio(times, "folded", "no_bn"),
+                "ratio_unfolded_over_folded": _paired_ratio(times, "unfolded", "folded"),
+            }
+            _log(
+                f"{mode:<5} batch {batch_size:>3}: "
+                + ", ".join(f"{n} {row['latency'][n]['median_ms']:.3f} ms" for n in VARIANTS)
+            )
+    return {
+        "benchmark": "bench_inference",
+        "quick": quick,
+        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "model": {
+            "layers": {name: len(m.layers) for name, m in models.items()},
+            "params": {name: int(m.count_params()) for name, m in models.items()},
+            "bn_folded": len(report.folded),
+            "fold_max_rel_diff": rel_diff,
+        },
+        "repeats": settings["repeats"],
+        "batches": results,
+        "goals": {"folded_over_no_bn_max": 1.05, "unfolded_over_folded_batch1_min": 1.2},
+        "note": (
+            "Latencies are min and median over interleaved repeats on a shared machine; "
+            "ratios are medians of per-repeat ratios."
+        ),
+    }
+
+
+def _print_report(report: dict) -> None:
+    for mode, batches in report["batches"].items():
+        for batch, row in batches.items():
+            print(
+                f"{mode:<5} batch {batch:>3}: folded/no_bn = {row['ratio_folded_over_no_bn']:.3f} "
+                f"(goal <= 1.05), unfolded/folded = {row['ratio_unfolded_over_folded']:.3f}"
+                + (" (goal >= 1.2)" if batch == "1" else "")
+            )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and calls")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON file (default: results/bench_inference.json, or "
+        "bench_inference_quick.json with --quick)",
+    )
+    args = parser.parse_args(argv)
+
+    from bnutils.config import results_dir
+
+    report = run(quick=args.quick)
+    _print_report(report)
+    name = "bench_inference_quick.json" if args.quick else "bench_inference.json"
+    output = args.output or results_dir() / name
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"Saved {output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
