@@ -48,8 +48,9 @@ SETTINGS = {
 }
 
 
-def build_cnn(variant: str, input_shape=(28, 28, 1), num_classes: int = 10,
-              virtual_batch_size: int = 32):
+def build_cnn(
+    variant: str, input_shape=(28, 28, 1), num_classes: int = 10, virtual_batch_size: int = 32
+):
     """The benchmark CNN: conv 32-32-pool-64-64-pool-128, global pooling, dense head.
 
     Args:
@@ -67,8 +68,7 @@ def build_cnn(variant: str, input_shape=(28, 28, 1), num_classes: int = 10,
     inputs = keras.Input(input_shape)
     x = inputs
     for i, (filters, pool) in enumerate([(32, 0), (32, 1), (64, 0), (64, 1), (128, 0)], 1):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=bn is None,
-                                name=f"conv{i}")(x)
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=bn is None, name=f"conv{i}")(x)
         if bn is not None:
             x = bn(name=f"conv{i}_bn")(x)
         x = keras.layers.ReLU(name=f"conv{i}_relu")(x)
@@ -79,22 +79,26 @@ def build_cnn(variant: str, input_shape=(28, 28, 1), num_classes: int = 10,
     return keras.Model(inputs, outputs, name=f"cnn_{variant}")
 
 
-def build_resnet50(variant: str, input_shape=(64, 64, 3), num_classes: int = 10,
-                   virtual_batch_size: int = 8):
+def build_resnet50(
+    variant: str, input_shape=(64, 64, 3), num_classes: int = 10, virtual_batch_size: int = 8
+):
     """``keras.applications.ResNet50(weights=None)`` with its BN layers swapped per variant."""
     import keras
 
     from bnutils.layers import FusedBatchNormalization, GhostBatchNormalization, convert_batchnorm
 
     keras.utils.set_random_seed(0)
-    base = keras.applications.ResNet50(weights=None, input_shape=input_shape, classes=num_classes)
+    base = keras.applications.ResNet50(
+        weights=None, input_shape=input_shape, classes=num_classes, classifier_activation=None
+    )
     if variant == "keras":
         return base
     if variant == "fused":
         return convert_batchnorm(base, FusedBatchNormalization)
     if variant == "ghost":
-        return convert_batchnorm(base, GhostBatchNormalization,
-                                 virtual_batch_size=virtual_batch_size)
+        return convert_batchnorm(
+            base, GhostBatchNormalization, virtual_batch_size=virtual_batch_size
+        )
 
     class _Identity(keras.layers.Layer):
         # keras.layers.Identity would do, but the recorded BN calls pass `mask`.
@@ -155,8 +159,9 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def bench_model(name: str, build, x, y, batch_size: int, repeats: int, calls: dict[int, int],
-                variants=VARIANTS) -> dict:
+def bench_model(
+    name: str, build, x, y, batch_size: int, repeats: int, calls: dict[int, int], variants=VARIANTS
+) -> dict:
     """Time training epochs and inference calls of every variant of one model, interleaved.
 
     Args:
@@ -195,13 +200,15 @@ def bench_model(name: str, build, x, y, batch_size: int, repeats: int, calls: di
     for variant in variants:
         for t in inputs.values():
             predict[variant](t).numpy()
-    _log(f"[{name}] built and warmed up {len(variants)} variants in "
-         f"{time.perf_counter() - t_build:.0f} s")
+    _log(
+        f"[{name}] built and warmed up {len(variants)} variants in "
+        f"{time.perf_counter() - t_build:.0f} s"
+    )
 
     train = {v: [] for v in variants}
     latency = {b: {v: [] for v in variants} for b in calls}
     for r in range(repeats):
-        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]
         for variant in order:
             start = time.perf_counter()
             models[variant].fit(data, epochs=1, shuffle=False, verbose=0)
@@ -213,8 +220,10 @@ def bench_model(name: str, build, x, y, batch_size: int, repeats: int, calls: di
                     predict[variant](inputs[b]).numpy()
                     per_call.append((time.perf_counter() - start) * 1e3)
                 latency[b][variant].append(statistics.median(per_call))
-        _log(f"[{name}] repeat {r + 1}/{repeats}: step ms " + ", ".join(
-            f"{v} {train[v][-1]:.1f}" for v in variants))
+        _log(
+            f"[{name}] repeat {r + 1}/{repeats}: step ms "
+            + ", ".join(f"{v} {train[v][-1]:.1f}" for v in variants)
+        )
 
     result = {
         "steps_per_epoch": steps,
@@ -261,8 +270,9 @@ def _machine() -> dict:
     }
 
 
-def run(quick: bool = False, models: tuple[str, ...] | None = None,
-        repeats: int | None = None) -> dict:
+def run(
+    quick: bool = False, models: tuple[str, ...] | None = None, repeats: int | None = None
+) -> dict:
     """Run the benchmark and return its report (see the module docstring).
 
     Args:
@@ -289,8 +299,13 @@ def run(quick: bool = False, models: tuple[str, ...] | None = None,
         x, y = _images(cfg["train_images"], size=image_size)
         vbs = cfg["batch_size"] // 4
         report[name] = bench_model(
-            name, lambda v, b=build, vbs=vbs: b(v, virtual_batch_size=vbs), x, y,
-            cfg["batch_size"], cfg["repeats"], cfg["calls"],
+            name,
+            lambda v, b=build, vbs=vbs: b(v, virtual_batch_size=vbs),
+            x,
+            y,
+            cfg["batch_size"],
+            cfg["repeats"],
+            cfg["calls"],
         )
     return {
         "command": "python benchmarks/bench_bn_layers.py" + (" --quick" if quick else ""),
@@ -301,8 +316,7 @@ def run(quick: bool = False, models: tuple[str, ...] | None = None,
         "notes": [
             "Times are medians of interleaved repeats on a shared machine; ratios are medians "
             "of per-repeat ratios vs no BN, measured in the same run.",
-            "Ghost BN uses virtual batches of a quarter of the batch; its inference is "
-            "Keras's BN.",
+            "Ghost BN uses virtual batches of a quarter of the batch; its inference is Keras's BN.",
         ],
         "models": report,
     }
@@ -314,11 +328,15 @@ _BUILDERS = {"cnn": (build_cnn, None), "resnet50": (build_resnet50, 64)}
 def _print_report(report: dict) -> None:
     for name, res in report["models"].items():
         _log(f"\n{name}: batch {res['batch_size']}, {res['steps_per_epoch']} steps per epoch")
-        _log(f"{'bn':<6} {'step ms min':>11} {'median':>8} {'vs none':>8}"
-             + "".join(f" {k + ' ms':>14} {'vs none':>8}" for k in res["latency_ms"]))
+        _log(
+            f"{'bn':<6} {'step ms min':>11} {'median':>8} {'vs none':>8}"
+            + "".join(f" {k + ' ms':>14} {'vs none':>8}" for k in res["latency_ms"])
+        )
         for v, st in res["train_step_ms"].items():
-            line = (f"{v:<6} {st['min']:>11.2f} {st['median']:>8.2f} "
-                    f"{res['train_ratio_vs_none'][v]:>7.3f}x")
+            line = (
+                f"{v:<6} {st['min']:>11.2f} {st['median']:>8.2f} "
+                f"{res['train_ratio_vs_none'][v]:>7.3f}x"
+            )
             for key, lat in res["latency_ms"].items():
                 line += f" {lat[v]['median']:>14.2f} {res['latency_ratio_vs_none'][key][v]:>7.3f}x"
             _log(line)
@@ -327,12 +345,21 @@ def _print_report(report: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run: small CNN only")
-    parser.add_argument("--models", nargs="+", choices=sorted(_BUILDERS), default=None,
-                        help="models to time (default: cnn and resnet50; cnn with --quick)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=sorted(_BUILDERS),
+        default=None,
+        help="models to time (default: cnn and resnet50; cnn with --quick)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="JSON file (default: results/bench_bn_layers.json, "
-                        "or bench_bn_layers_quick.json with --quick)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON file (default: results/bench_bn_layers.json, "
+        "or bench_bn_layers_quick.json with --quick)",
+    )
     args = parser.parse_args(argv)
 
     import tensorflow as tf

@@ -37,6 +37,7 @@ __all__ = [
     "mirrored_strategy",
     "setup_logical_cpus",
     "small_batch_experiment",
+    "small_bn_mlp",
     "small_bn_model",
     "synthetic_images",
 ]
@@ -178,6 +179,46 @@ def small_bn_model(
     return keras.Model(inputs, outputs, name=name)
 
 
+def small_bn_mlp(
+    synchronized: bool = False,
+    input_shape: Sequence[int] = (28, 28, 1),
+    num_classes: int = 10,
+    width: int = 64,
+    momentum: float = 0.99,
+    seed: int = 0,
+):
+    """``Flatten -> (Dense(width) -> BN -> ReLU) x 2 -> Dense``, seeded initializers.
+
+    After a dense layer BN estimates each feature's statistics from the batch alone (one
+    value per example), so a small per-replica batch makes them noisy: the case where
+    synchronizing matters most.
+
+    Args:
+        synchronized: passed to both BN layers.
+        input_shape: input shape (flattened first).
+        num_classes: logits produced.
+        width: units of the hidden layers.
+        momentum: BN moving-average momentum.
+        seed: initializer seed.
+    """
+    import keras
+
+    inputs = keras.Input(shape=tuple(input_shape))
+    h = keras.layers.Flatten()(inputs)
+    for i in (1, 2):
+        h = keras.layers.Dense(
+            width, use_bias=False, kernel_initializer=keras.initializers.GlorotUniform(seed + i)
+        )(h)
+        h = keras.layers.BatchNormalization(
+            momentum=momentum, synchronized=synchronized, name=f"bn{i}"
+        )(h)
+        h = keras.layers.ReLU()(h)
+    outputs = keras.layers.Dense(
+        num_classes, kernel_initializer=keras.initializers.GlorotUniform(seed + 3)
+    )(h)
+    return keras.Model(inputs, outputs, name="small_mlp_syncbn" if synchronized else "small_mlp_bn")
+
+
 def synthetic_images(
     n: int, shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -227,7 +268,14 @@ class BNStepStats:
         moving_mean: layer -> ``(replicas, channels)``, every replica's own copy of the
             moving mean after the last step.
         moving_var: layer -> ``(replicas, channels)`` copies of the moving variance.
-        weights: weight path -> value as saved (the primary replica's copy).
+        saved_moving_mean: layer -> ``(channels,)``, the moving mean as ``get_weights`` and
+            checkpoints see it (read outside the replicas).
+        saved_moving_var: layer -> ``(channels,)``, the same for the moving variance.
+        initial_moving_mean: layer -> ``(channels,)`` before the first step.
+        initial_moving_var: layer -> ``(channels,)`` before the first step.
+        momentum: layer -> the layer's moving-average momentum.
+        weights: ``model.weights`` values in order, as saved (the primary replica's copy).
+        trainable: for each entry of ``weights``, whether it is trainable.
         losses: ``(steps,)`` global training loss of each step.
     """
 
@@ -239,12 +287,53 @@ class BNStepStats:
     batch_var: dict[str, np.ndarray]
     moving_mean: dict[str, np.ndarray]
     moving_var: dict[str, np.ndarray]
-    weights: dict[str, np.ndarray]
+    saved_moving_mean: dict[str, np.ndarray]
+    saved_moving_var: dict[str, np.ndarray]
+    initial_moving_mean: dict[str, np.ndarray]
+    initial_moving_var: dict[str, np.ndarray]
+    momentum: dict[str, float]
+    weights: tuple[np.ndarray, ...]
+    trainable: tuple[bool, ...]
     losses: np.ndarray
 
     @property
     def global_batch(self) -> int:
         return self.num_replicas * self.per_replica_batch
+
+    def ema_replay_error(self) -> float:
+        """How far every replica's moving statistics are from the EMA of its own batch stats.
+
+        Replays ``m <- momentum * m + (1 - momentum) * batch_stat`` over the recorded steps,
+        replica by replica, from the initial moving statistics. About zero means each
+        replica's copy followed the batch statistics that replica normalized with.
+        """
+        worst = 0.0
+        for name in self.layer_names:
+            mom = self.momentum[name]
+            for batch, start, held in (
+                (self.batch_mean, self.initial_moving_mean, self.moving_mean),
+                (self.batch_var, self.initial_moving_var, self.moving_var),
+            ):
+                replay = np.broadcast_to(start[name], held[name].shape).astype("float64")
+                for step_stats in batch[name]:
+                    replay = mom * replay + (1.0 - mom) * step_stats
+                worst = max(worst, float(np.max(np.abs(replay - held[name]))))
+        return worst
+
+    def saved_replicas(self, atol: float = 0.0) -> list[int]:
+        """The replicas whose copies of every moving statistic equal the saved value."""
+        return [
+            r
+            for r in range(self.num_replicas)
+            if all(
+                np.allclose(held[name][r], saved[name], rtol=0.0, atol=atol)
+                for name in self.layer_names
+                for held, saved in (
+                    (self.moving_mean, self.saved_moving_mean),
+                    (self.moving_var, self.saved_moving_var),
+                )
+            )
+        ]
 
     def replica_spread(self) -> float:
         """Largest difference between two replicas' copies of any moving statistic."""
@@ -367,6 +456,8 @@ def bn_step_statistics(
 
         return fn
 
+    initial_mean = {bn.name: np.asarray(bn.moving_mean.numpy()) for bn in bns}
+    initial_var = {bn.name: np.asarray(bn.moving_variance.numpy()) for bn in bns}
     means = {bn.name: [] for bn in bns}
     variances = {bn.name: [] for bn in bns}
     losses = []
@@ -389,7 +480,13 @@ def bn_step_statistics(
         batch_var={k: np.stack(v) for k, v in variances.items()},
         moving_mean={bn.name: _local_stack(strategy, bn.moving_mean.value) for bn in bns},
         moving_var={bn.name: _local_stack(strategy, bn.moving_variance.value) for bn in bns},
-        weights={w.path: np.asarray(w.numpy()) for w in model.weights},
+        saved_moving_mean={bn.name: np.asarray(bn.moving_mean.numpy()) for bn in bns},
+        saved_moving_var={bn.name: np.asarray(bn.moving_variance.numpy()) for bn in bns},
+        initial_moving_mean=initial_mean,
+        initial_moving_var=initial_var,
+        momentum={bn.name: float(bn.momentum) for bn in bns},
+        weights=tuple(np.asarray(w.numpy()) for w in model.weights),
+        trainable=tuple(bool(w.trainable) for w in model.weights),
         losses=np.asarray(losses, dtype="float64"),
     )
 
@@ -423,7 +520,7 @@ class SyncComparison:
 
         Keys: ``batch_mean`` / ``batch_var`` (every replica's batch statistics against the
         global batch's), ``moving_mean`` / ``moving_var`` (every replica's copy),
-        ``weights`` (saved weights), ``loss``.
+        ``weights`` (saved trainable weights), ``loss``.
         """
         out = {}
         for key in ("batch_mean", "batch_var", "moving_mean", "moving_var"):
@@ -431,7 +528,9 @@ class SyncComparison:
             # the single run has one replica: broadcast it against every replica
             out[key] = max(float(np.max(np.abs(ours[k] - ref[k]))) for k in run.layer_names)
         out["weights"] = max(
-            float(np.max(np.abs(run.weights[k] - self.single.weights[k]))) for k in run.weights
+            float(np.max(np.abs(ours - ref)))
+            for ours, ref, t in zip(run.weights, self.single.weights, run.trainable, strict=True)
+            if t
         )
         out["loss"] = float(np.max(np.abs(run.losses - self.single.losses)))
         return out
@@ -447,6 +546,9 @@ class SyncComparison:
             "unsynced_error": self.errors(self.unsynced),
             "synced_replica_spread": self.synced.replica_spread(),
             "unsynced_replica_spread": self.unsynced.replica_spread(),
+            "synced_ema_replay_error": self.synced.ema_replay_error(),
+            "unsynced_ema_replay_error": self.unsynced.ema_replay_error(),
+            "unsynced_saved_replicas": self.unsynced.saved_replicas(),
         }
 
 
@@ -541,6 +643,7 @@ def small_batch_experiment(
     strategy=None,
     model_fn: Callable[..., Any] | None = None,
     lr: float = 1e-3,
+    steps_per_execution: int = 25,
 ) -> SmallBatchResult:
     """Train with a small per-replica batch, synchronized BN vs per-replica BN.
 
@@ -557,6 +660,8 @@ def small_batch_experiment(
         strategy: default :func:`mirrored_strategy` over 2 devices.
         model_fn: ``model_fn(synchronized=..., seed=...)``; default :func:`small_bn_model`.
         lr: Adam learning rate.
+        steps_per_execution: training steps per ``tf.function`` call (fewer Python round
+            trips; the small batches make the per-step overhead dominate otherwise).
 
     Returns:
         A :class:`SmallBatchResult`.
@@ -588,8 +693,9 @@ def small_batch_experiment(
                 model.compile(
                     optimizer=keras.optimizers.Adam(lr),
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    steps_per_execution=steps_per_execution,
                 )
-            model.fit(train, epochs=epochs, verbose=0)
+            model.fit(train, epochs=epochs, shuffle=False, verbose=0)
             copies = [
                 _local_stack(strategy, v.value)
                 for bn in batchnorm_layers(model)

@@ -676,7 +676,10 @@ def diagnose_batchnorm(
             r["mean_gap"] > mean_gap_threshold or r["variance_ratio"] > variance_ratio_threshold
         )
     ]
-    effect = _recalibrated_effect(model, x, y, batch_size, seed) if (never or off) else {}
+    # With labels, show what recalibration (precise BN on x) would change.
+    effect = {}
+    if (never or off) and y is not None:
+        effect = _recalibrated_effect(model, x, y, batch_size, seed)
     if never:
         findings.append(_finding(
             "moving-stats-never-updated", "error", [r["layer"] for r in never],

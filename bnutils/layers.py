@@ -207,21 +207,24 @@ class GhostBatchNormalization(keras.layers.BatchNormalization):
         return {**super().get_config(), "virtual_batch_size": self.virtual_batch_size}
 
     def _check_batch_size(self, batch_size):
+        """Raise (static batch) or return TF assertions (dynamic batch) on divisibility."""
         vbs = self.virtual_batch_size
-        message = (
-            f"GhostBatchNormalization {self.name!r}: the batch size is not divisible by "
-            f"virtual_batch_size={vbs}. Expected a batch size that is a multiple of {vbs}: "
-            "change the batch size or drop the last, smaller batch (drop_remainder=True)."
+
+        head = f"GhostBatchNormalization {self.name!r}: the batch size"
+        tail = (
+            f"is not divisible by virtual_batch_size={vbs}. Expected a batch size that is a "
+            f"multiple of {vbs}: change the batch size or drop the last, smaller batch "
+            "(drop_remainder=True)."
         )
         if isinstance(batch_size, int):
             if batch_size % vbs:
-                raise ValueError(message.replace("the batch size", f"the batch size {batch_size}"))
+                raise ValueError(f"{head} {batch_size} {tail}")
             return []
         if keras.backend.backend() != "tensorflow":
             return []
         import tensorflow as tf
 
-        return [tf.debugging.assert_equal(batch_size % vbs, 0, message=message)]
+        return [tf.debugging.Assert(tf.equal(batch_size % vbs, 0), [head, batch_size, tail])]
 
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,8 @@ def _x_axis(group: list, x: str, n: int) -> tuple[np.ndarray, str]:
         return epochs * spe, "optimizer steps"
     if x == "seconds":
         times = _stack([np.cumsum(_get(r, "epoch_times") or []) for r in group])
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
             return np.nanmean(times, axis=0)[:n], "wall time (s)"
     raise ValueError(f"x must be 'epoch', 'steps' or 'seconds', received {x!r}.")
 
@@ -136,7 +138,8 @@ def plot_learning_curves(runs: Mapping[str, Sequence[Any]] | Sequence[Any],
     for ax, metric in zip(axes[0], metrics, strict=True):
         for label, group in groups.items():
             curves = _stack([_curve(r, metric) for r in group])
-            with np.errstate(all="ignore"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
                 mean = np.nanmean(curves, axis=0)
                 std = np.nanstd(curves, axis=0) if len(group) > 1 else np.zeros_like(mean)
             xs, xlabel = _x_axis(group, x, curves.shape[1])

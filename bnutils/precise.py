@@ -351,7 +351,10 @@ def _collect(model, targets: Sequence[tuple[str, Any]], batches, training: bool)
     def forward(x):
         records.clear()
         meta.clear()
-        model(x, training=training)
+        # A valid root scope: Keras names a model after its class, and a name such as
+        # "_net" is not a valid root name scope inside a tf.function.
+        with tf.name_scope("bn_statistics"):
+            model(x, training=training)
         return list(records)
 
     step = tf.function(forward, reduce_retracing=True)

@@ -29,6 +29,7 @@ import re
 import sys
 import time
 import types
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -234,11 +235,55 @@ def _digest(*arrays) -> str:
     return h.hexdigest()[:16]
 
 
+def _const_fingerprint(c):
+    if isinstance(c, types.CodeType):
+        return _code_fingerprint(c)
+    if isinstance(c, tuple):
+        return [_const_fingerprint(v) for v in c]
+    if isinstance(c, frozenset):  # its repr's order depends on the hash seed
+        return sorted(json.dumps(_const_fingerprint(v), sort_keys=True) for v in c)
+    return repr(c)
+
+
 def _code_fingerprint(code: types.CodeType) -> dict:
-    consts = [_code_fingerprint(c) if isinstance(c, types.CodeType) else repr(c)
-              for c in code.co_consts]
-    return {"code": hashlib.sha256(code.co_code).hexdigest()[:16], "consts": consts,
+    return {"code": hashlib.sha256(code.co_code).hexdigest()[:16],
+            "consts": [_const_fingerprint(c) for c in code.co_consts],
             "names": list(code.co_names)}
+
+
+def _layer_names(cfg, out: list) -> list:
+    """The layer names of a model config, in order (nested models included)."""
+    if isinstance(cfg, dict):
+        for k, v in cfg.items():
+            if k == "layers" and isinstance(v, list):
+                out.extend(e["config"]["name"] for e in v
+                           if isinstance(e, dict) and isinstance(e.get("config"), dict)
+                           and "name" in e["config"])
+            _layer_names(v, out)
+    elif isinstance(cfg, list):
+        for v in cfg:
+            _layer_names(v, out)
+    return out
+
+
+def _rename(obj, canon: dict):
+    if isinstance(obj, dict):
+        return {k: _rename(v, canon) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rename(v, canon) for v in obj]
+    return canon.get(obj, obj) if isinstance(obj, str) else obj
+
+
+def _model_fingerprint(model) -> dict:
+    """Architecture and weights, with auto-generated layer names replaced by their order."""
+    try:
+        arch = json.loads(model.to_json())
+    except Exception:  # subclassed models without get_config
+        arch = f"{type(model).__module__}.{type(model).__qualname__}"
+    else:
+        names = dict.fromkeys([model.name, *_layer_names(arch, [])])
+        arch = _rename(arch, {n: f"layer{i}" for i, n in enumerate(names)})
+    return {"model": arch, "weights": _digest(*[np.asarray(w) for w in model.get_weights()])}
 
 
 def _code_names(code: types.CodeType) -> set[str]:
@@ -264,6 +309,11 @@ def _fingerprint(obj, depth: int = 0, seen: frozenset = frozenset()):
         return {"array": _digest(obj)}
     if isinstance(obj, (list, tuple)):
         return [nxt(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted((nxt(v) for v in obj), key=lambda v: json.dumps(v, sort_keys=True))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type) and _is_frozen(obj):
+        return {"dataclass": nxt(type(obj)),
+                "fields": {f.name: nxt(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
     if isinstance(obj, dict):
         return {str(k): nxt(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
     if isinstance(obj, functools.partial):
@@ -279,11 +329,7 @@ def _fingerprint(obj, depth: int = 0, seen: frozenset = frozenset()):
     import keras
 
     if isinstance(obj, keras.Model):
-        try:
-            arch = json.loads(obj.to_json())
-        except Exception:
-            arch = type(obj).__qualname__
-        return {"model": arch, "weights": _digest(*[np.asarray(w) for w in obj.get_weights()])}
+        return _model_fingerprint(obj)
     if isinstance(obj, (keras.layers.Layer, keras.optimizers.Optimizer, keras.losses.Loss)):
         try:
             cfg = obj.get_config()
@@ -311,12 +357,18 @@ def _function_fingerprint(fn: types.FunctionType, depth: int, seen: frozenset):
             continue
         v = fn.__globals__[n]
         local_fn = isinstance(v, types.FunctionType) and v.__module__ == fn.__module__
+        frozen = dataclasses.is_dataclass(v) and not isinstance(v, type) and _is_frozen(v)
         if isinstance(v, (bool, int, float, str, type(None), tuple, list, dict, np.ndarray,
-                          functools.partial)) or local_fn:
+                          functools.partial)) or local_fn or frozen:
             global_values[n] = nxt(v)
     return {"function": name, "code": _code_fingerprint(fn.__code__),
             "defaults": nxt(fn.__defaults__), "kwdefaults": nxt(fn.__kwdefaults__),
             "closure": closure, "globals": global_values}
+
+
+def _is_frozen(obj) -> bool:
+    params = getattr(type(obj), "__dataclass_params__", None)
+    return bool(params is not None and params.frozen)
 
 
 def _cell_filled(cell) -> bool:
@@ -630,7 +682,12 @@ def train(
     model_path = models_dir / f"{key}.keras"
 
     if path.is_file() and not force:
-        cached = _from_cache(path, target_accuracy, trackers, save_model, model_path)
+        try:
+            cached = _from_cache(path, target_accuracy, trackers, save_model, model_path)
+        except ValueError as e:
+            warnings.warn(f"Ignoring the unreadable cached run {path} ({e}); training it again.",
+                          stacklevel=2)
+            cached = None
         if cached is not None:
             return cached
 
@@ -715,7 +772,7 @@ def train(
         target_epoch=target_epoch, target_seconds=target_seconds,
         diverged=diverged, divergence_message=message, versions=_versions(),
         trackers=[t.to_dict() for t in trackers],
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
     if save_model:
         models_dir.mkdir(parents=True, exist_ok=True)

@@ -470,3 +470,54 @@ def test_ghost_mixed_precision():
     ref, mean, var = _ghost_reference(x16, np.ones(2), np.zeros(2), 2, -1, 1e-3)
     np.testing.assert_allclose(tf.cast(y, "float32"), ref, atol=5e-3, rtol=5e-3)
     np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- the benchmark's plumbing
+
+
+def _load_benchmark():
+    import importlib.util
+
+    from bnutils.config import repo_root
+
+    path = repo_root() / "benchmarks" / "bench_bn_layers.py"
+    spec = importlib.util.spec_from_file_location("bench_bn_layers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_builds_each_variant_and_reports_ratios():
+    bench = _load_benchmark()
+    expected = {
+        "none": None,
+        "keras": keras.layers.BatchNormalization,
+        "fused": FusedBatchNormalization,
+        "ghost": GhostBatchNormalization,
+    }
+    for variant, cls in expected.items():
+        model = bench.build_cnn(variant, input_shape=(8, 8, 1), virtual_batch_size=4)
+        bns = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
+        assert len(bns) == (0 if cls is None else 5)
+        assert all(type(la) is cls for la in bns)
+    x, y = _data((16, 8, 8, 1)), np.arange(16) % 10
+    report = bench.bench_model(
+        "tiny",
+        lambda v: bench.build_cnn(v, input_shape=(8, 8, 1), virtual_batch_size=4),
+        x,
+        y,
+        batch_size=8,
+        repeats=2,
+        calls={1: 2, 4: 1},
+        variants=("none", "fused"),
+    )
+    assert report["steps_per_epoch"] == 2
+    assert report["train_ratio_vs_none"]["none"] == 1.0
+    assert set(report["train_step_ms"]) == {"none", "fused"}
+    assert set(report["latency_ms"]) == {"batch_1", "batch_4"}
+    for stats in report["train_step_ms"].values():
+        assert len(stats["runs"]) == 2 and 0 < stats["min"] <= stats["median"]
+    rows = bench._rows({"tiny": report})
+    assert [r["bn"] for r in rows] == ["none", "fused"]
+    with pytest.raises(ValueError, match="Unknown models"):
+        bench.run(quick=True, models=("vgg",))

@@ -78,19 +78,22 @@ def test_recalibration_matches_population_statistics_and_improves_accuracy(fmnis
 
 def test_variance_modes_pooled_vs_average_of_batch_variances(fmnist):
     model = _lagging_mlp(fmnist)
-    bn2 = model.layers[5]
+    bn1, bn2 = model.layers[2], model.layers[5]
     x = fmnist.x_train[:1000]
-    _, batches = _reference_stats(model, x, 100)
+    inputs, _ = _reference_stats(model, x, 100)
+    batches = [h.reshape(10, 100, -1) for h in inputs]  # (batch, example, channel)
     recalibrate_batchnorm(model, x, num_batches=None, batch_size=100, shuffle=False,
-                          variance="batch_mean", layers=[bn2])
-    batch_mean = bn2.moving_variance.numpy().copy()
-    np.testing.assert_allclose(batch_mean, np.mean([b.var(0) for b in batches], axis=0),
-                               rtol=1e-3, atol=1e-4)
+                          variance="batch_mean", layers=[bn1, bn2])
+    batch_means = [bn.moving_variance.numpy().copy() for bn in (bn1, bn2)]
     recalibrate_batchnorm(model, x, num_batches=None, batch_size=100, shuffle=False,
-                          layers=bn2.name)
-    pooled = bn2.moving_variance.numpy()
-    between = np.var([b.mean(0) for b in batches], axis=0)
-    np.testing.assert_allclose(pooled, batch_mean + between, rtol=1e-3, atol=1e-4)
+                          layers=[bn1.name, bn2])
+    for bn, b, batch_mean in zip((bn1, bn2), batches, batch_means, strict=True):
+        np.testing.assert_allclose(batch_mean, b.var(1).mean(0), rtol=1e-3, atol=1e-4)
+        between = b.mean(1).var(0)
+        np.testing.assert_allclose(bn.moving_variance.numpy(), batch_mean + between,
+                                   rtol=1e-3, atol=1e-4)
+    # BN1's input (a linear map of the pixels) has batch means that really differ.
+    assert np.median(batches[0].mean(1).var(0) / batch_means[0]) > 0.005
 
 
 def test_dataset_and_arrays_agree_and_num_batches_limits(fmnist):

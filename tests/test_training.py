@@ -98,6 +98,20 @@ def test_builder_fingerprint_sees_arguments_closures_and_globals():
     assert _fingerprint(f_true) != fp_true, "a global flag read by the builder counts"
 
 
+def test_model_instance_fingerprint_ignores_generated_names_not_weights():
+    def unnamed():
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)])
+
+    keras.utils.set_random_seed(1)
+    first = unnamed()
+    keras.utils.set_random_seed(1)
+    second = unnamed()  # same weights, but layers named dense_<n+2>, ...
+    assert first.layers[0].name != second.layers[0].name
+    assert _fingerprint(first) == _fingerprint(second)
+    second.layers[0].kernel.assign(second.layers[0].kernel + 1.0)
+    assert _fingerprint(first) != _fingerprint(second)
+
+
 def test_divergence_is_recorded_not_raised(data, capsys):
     def deep_relu():
         return keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),

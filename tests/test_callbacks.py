@@ -1,0 +1,203 @@
+"""bnutils.callbacks and bnutils.noisy: trackers record the right tensors; noisy BN."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bnutils.callbacks import (
+    ActivationPercentiles,
+    GradientNormTracker,
+    MovingStatsTracker,
+)
+from bnutils.noisy import NoisyBatchNormalization
+
+EPS = 1e-3  # keras.layers.BatchNormalization's default epsilon
+
+
+@pytest.fixture(scope="module")
+def xy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.5, 2.0, size=(256, 8)).astype("float32")
+    y = (x[:, 0] + x[:, 1] > 3).astype("int32") + 2 * (x[:, 2] > 1.5)
+    return x, y
+
+
+def mlp(bn: bool, fused_sigmoid: bool = False, seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((8,)),
+              keras.layers.Dense(6, name="d1", activation="sigmoid" if fused_sigmoid else None)]
+    if bn:
+        layers.append(keras.layers.BatchNormalization(name="bn1"))
+    if not fused_sigmoid:
+        layers.append(keras.layers.Activation("sigmoid", name="act1"))
+    layers.append(keras.layers.Dense(4, name="out"))
+    model = keras.Sequential(layers)
+    model.compile(optimizer=keras.optimizers.SGD(0.5),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def fit(model, xy, callbacks, epochs=1):
+    x, y = xy
+    model.fit(x, y, batch_size=32, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks)
+
+
+def pre_activation(model, x, training: bool) -> np.ndarray:
+    """The sigmoid's input computed by hand from the weights."""
+    kernel, bias = (w.numpy() for w in model.get_layer("d1").weights)
+    h = x @ kernel + bias
+    if "bn1" not in [lyr.name for lyr in model.layers]:
+        return h
+    bn = model.get_layer("bn1")
+    if training:
+        mean, var = h.mean(axis=0), h.var(axis=0)
+    else:
+        mean, var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+    return bn.gamma.numpy() * (h - mean) / np.sqrt(var + EPS) + bn.beta.numpy()
+
+
+@pytest.mark.parametrize("bn, layer, tensor, training", [
+    (True, "bn1", "output", True),
+    (True, "bn1", "output", False),
+    (True, "act1", "input", True),
+    (False, "d1", "output", True),
+])
+def test_percentiles_track_the_sigmoid_input(xy, bn, layer, tensor, training):
+    model = mlp(bn)
+    x_fixed = xy[0][:100]
+    tracker = ActivationPercentiles(layer, x_fixed, unit=3, every=1, tensor=tensor,
+                                    training=training)
+    fit(model, xy, [tracker])
+    assert tracker.steps == list(range(9)) and tracker.as_array().shape == (9, 3)
+    expected = np.percentile(pre_activation(model, x_fixed, training)[:, 3], [15, 50, 85])
+    np.testing.assert_allclose(tracker.values[-1], expected, rtol=1e-4, atol=1e-5)
+    assert np.all(np.diff(tracker.as_array(), axis=1) >= 0), "15th <= 50th <= 85th"
+
+
+def test_percentile_probe_leaves_moving_statistics_alone(xy):
+    model = mlp(bn=True)
+    tracker = ActivationPercentiles("bn1", xy[0][:64], every=1000)
+    fit(model, xy, [tracker])
+    bn = model.get_layer("bn1")
+    before = bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()
+    tracker.record(999)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), before[0])
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), before[1])
+    assert not np.allclose(before[0], 0.0), "training did move the statistics"
+
+
+def test_percentiles_refuse_a_fused_nonlinearity_and_unknown_layers(xy):
+    with pytest.raises(ValueError, match="nonlinearity"):
+        fit(mlp(bn=False, fused_sigmoid=True), xy, [ActivationPercentiles("d1", xy[0][:10])])
+    with pytest.raises(ValueError, match="no layer named 'nope'"):
+        fit(mlp(bn=False), xy, [ActivationPercentiles("nope", xy[0][:10])])
+    with pytest.raises(ValueError, match="out of range"):
+        fit(mlp(bn=False), xy, [ActivationPercentiles("d1", xy[0][:10], unit=6)])
+
+
+def test_moving_stats_tracker(xy):
+    model = mlp(bn=True)
+    tracker = MovingStatsTracker(every=2, channels=(0, 4, 99))
+    fit(model, xy, [tracker])
+    s = tracker.stats["bn1"]
+    assert tracker.steps == [0, 2, 4, 6, 8] and len(s["mean"]) == 5
+    assert s["mean"][0] == 0.0 and s["variance"][0] == 1.0  # Keras initial values
+    bn = model.get_layer("bn1")
+    assert s["mean"][-1] == pytest.approx(float(bn.moving_mean.numpy().mean()), abs=1e-6)
+    np.testing.assert_allclose(s["variance_channels"][-1], bn.moving_variance.numpy()[[0, 4]],
+                               rtol=1e-6)
+    restored = MovingStatsTracker(every=2, channels=(0, 4, 99))
+    restored.load_dict(tracker.to_dict())
+    assert restored.stats == tracker.stats and restored.steps == tracker.steps
+    with pytest.raises(ValueError, match="no layer with moving_mean"):
+        fit(mlp(bn=False), xy, [MovingStatsTracker()])
+    with pytest.raises(ValueError, match="Cannot load"):
+        restored.load_dict(ActivationPercentiles("d1", xy[0][:10]).to_dict())
+
+
+def test_gradient_norms_match_a_hand_computed_gradient(xy):
+    model = mlp(bn=False)
+    xb, yb = xy[0][:64], xy[1][:64]
+    tracker = GradientNormTracker(xb, yb, every=1)
+    fit(model, xy, [tracker])
+    with tf.GradientTape() as tape:
+        logits = model(xb, training=True)
+        loss = tf.reduce_mean(
+            keras.losses.sparse_categorical_crossentropy(yb, logits, from_logits=True))
+    grads = tape.gradient(loss, model.trainable_variables)
+    by_layer = {}
+    for v, g in zip(model.trainable_variables, grads, strict=True):
+        layer = v.path.split("/")[-2]
+        by_layer[layer] = by_layer.get(layer, 0.0) + float(np.sum(g.numpy() ** 2))
+    assert set(tracker.norms) == {"d1", "out", "total"}
+    for layer, sq in by_layer.items():
+        assert tracker.norms[layer][-1] == pytest.approx(np.sqrt(sq), rel=1e-4)
+    assert tracker.norms["total"][-1] == pytest.approx(np.sqrt(sum(by_layer.values())), rel=1e-4)
+    assert len(tracker.norms["d1"]) == len(tracker.steps) == 9
+
+
+def test_gradient_tracker_leaves_bn_state_alone(xy):
+    model = mlp(bn=True)
+    tracker = GradientNormTracker(xy[0][:32], xy[1][:32], every=1000)
+    fit(model, xy, [tracker])
+    before = [v.numpy().copy() for v in model.non_trainable_variables]
+    tracker.record(1)
+    for v, b in zip(model.non_trainable_variables, before, strict=True):
+        np.testing.assert_array_equal(v.numpy(), b)
+    assert "bn1" in tracker.norms and tracker.norms["bn1"][-1] > 0
+
+
+# ---------------------------------------------------------------- noisy BN
+
+
+def test_noisy_bn_is_identity_in_inference():
+    layer = NoisyBatchNormalization(shift=2.0, scale=3.0, seed=1)
+    x = np.random.default_rng(1).normal(size=(16, 5)).astype("float32")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x)), x)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x, training=False)), x)
+
+
+def test_noisy_bn_adds_a_per_channel_affine_distortion_that_changes_each_step():
+    layer = NoisyBatchNormalization(shift=0.5, scale=1.0, seed=3)
+    x = np.random.default_rng(2).normal(size=(32, 4)).astype("float32")
+    step = tf.function(lambda t: layer(t, training=True))
+    y1, y2 = step(x).numpy(), step(x).numpy()
+    for y in (y1, y2):
+        assert not np.allclose(y, x)
+        for c in range(4):  # y[:, c] = s_c * x[:, c] + m_c exactly
+            s, m = np.polyfit(x[:, c], y[:, c], 1)
+            np.testing.assert_allclose(y[:, c], s * x[:, c] + m, atol=1e-5)
+            assert 1 / 2.0 - 1e-6 <= s <= 2.0 + 1e-6 and abs(m) <= 0.5 + 1e-6
+    assert not np.allclose(y1, y2), "the noise must be redrawn every step"
+    means = (y1 - x).mean(axis=0)
+    assert np.all(np.abs(means) > 0), "non-zero mean shift"
+
+
+def test_noisy_bn_per_example_and_conv_inputs():
+    layer = NoisyBatchNormalization(shift=0.0, scale=1.0, per_example=True, seed=0)
+    x = np.ones((8, 3, 3, 2), dtype="float32")
+    y = keras.ops.convert_to_numpy(layer(x, training=True))
+    ratio = y / x
+    assert np.allclose(ratio, ratio[:, :1, :1, :])  # constant over positions
+    assert not np.allclose(ratio[0], ratio[1])  # differs between examples
+    with pytest.raises(ValueError, match="non-negative"):
+        NoisyBatchNormalization(shift=-1.0)
+
+
+def test_noisy_bn_serializes(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(5),
+                              keras.layers.BatchNormalization(),
+                              NoisyBatchNormalization(shift=0.3, scale=0.2, seed=7, name="noisy")])
+    path = tmp_path / "noisy.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    layer = loaded.get_layer("noisy")
+    assert isinstance(layer, NoisyBatchNormalization)
+    assert (layer.shift, layer.scale, layer.seed) == (0.3, 0.2, 7)
+    x = np.random.default_rng(0).normal(size=(4, 5)).astype("float32")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=0, atol=1e-6)
