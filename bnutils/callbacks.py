@@ -223,7 +223,14 @@ class ActivationPercentiles(Tracker):
                 f"pre-activation layer (or the Activation layer with tensor='input')."
             )
         target = layer.output if self.tensor == "output" else layer.input
-        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        try:
+            model_inputs = model.inputs
+        except (AttributeError, ValueError) as e:
+            raise ValueError(
+                "ActivationPercentiles needs a Functional or Sequential model built from a "
+                f"keras.Input; received {type(model).__name__} without defined inputs."
+            ) from e
+        inputs = model_inputs[0] if len(model_inputs) == 1 else model_inputs
         self._probe = keras.Model(inputs, target, name=f"probe_{self.layer_name}")
         units = int(target.shape[-1])
         if not -units <= self.unit < units:

@@ -15,6 +15,8 @@ moving-stats-mismatch          warning   moving statistics far from the statisti
                                          layer's input really has on ``x``
 dropout-before-bn              warning   a Dropout layer feeds a BN layer
 bn-after-softmax-or-output     warning   BN after a softmax, or BN as the model's output
+training-false-overridden      warning   ``base(x, training=False)`` in a Functional graph
+                                         around trainable BN: fit() overrides the flag
 suspicious-momentum            warning   momentum < 0.5 (PyTorch's 0.1 taken literally),
                                / info    epsilon 1e-5 (PyTorch's default)
 redundant-bias                 info      Dense/Conv with a bias directly before BN
@@ -73,6 +75,10 @@ _FIXES = {
     "softmax) or remove it: BN after softmax, or as the last layer, rescales the "
     "predictions themselves.",
     "bn-unused": "Remove the unused layers, or check that `call` really uses them.",
+    "training-false-overridden": "Freeze the BN layers themselves: `for layer in "
+    "base.layers: if isinstance(layer, keras.layers.BatchNormalization): layer.trainable = "
+    "False`, then compile again. `base(x, training=False)` alone does not survive fit() in "
+    "Keras 3.",
     "suspicious-momentum": "Keras momentum is PyTorch's 1 - momentum: PyTorch's 0.1 is Keras's "
     "0.9. Keras's defaults are momentum=0.99, epsilon=1e-3; keep epsilon=1e-5 only for "
     "weights ported from PyTorch.",
@@ -385,6 +391,8 @@ def _static_findings(model, bn_layers, graph: _Graph) -> list[Finding]:
                     f"BN `{bn.name}` normalizes the softmax output of `{p.name}`.",
                     {"source": p.name, "activation": _activation_name(p)},
                 ))
+    # training=False stored in a Functional graph is overridden by fit() (Keras 3).
+    findings.extend(_overridden_flags(model))
     # BN as the model's output (possibly after reshapes).
     for t in _graph_outputs(model):
         ends = graph.producers(t._keras_history.operation)
@@ -401,6 +409,52 @@ def _static_findings(model, bn_layers, graph: _Graph) -> list[Finding]:
                      "activation_before": ",".join(b for b in before if b) or "none"},
                 ))
     return _dedupe(findings)
+
+
+def _overridden_flags(model) -> list[Finding]:
+    """Sub-models called with ``training=False`` in a graph while their BN stays trainable.
+
+    In a Keras 3 Functional model the outer call's ``training`` wins over the one stored
+    with a node, so ``fit()`` runs such BN layers in training mode (keras-team/keras#20285).
+    Only ``layer.trainable = False`` keeps them in inference mode.
+    """
+    import keras
+
+    findings = []
+    for path, layer in _all_layers(model):
+        for node in getattr(layer, "_inbound_nodes", []) or []:
+            if node.arguments.kwargs.get("training") is not False:
+                continue
+            if isinstance(layer, keras.layers.BatchNormalization):
+                inner = [(path, layer)]
+            else:
+                inner = [(f"{path}/{p}", lay) for p, lay in find_batchnorm_layers(layer)]
+            live = [p for p, lay in inner if lay.trainable]
+            if live:
+                findings.append(_finding(
+                    "training-false-overridden", "warning", live,
+                    f"`{layer.name}` is called with training=False in the graph, but fit() "
+                    f"passes training=True, which wins in Keras 3: {len(live)} trainable BN "
+                    "layer(s) inside will normalize with batch statistics and update their "
+                    "moving statistics.",
+                    {"n_layers": len(live), "called_as": f"{layer.name}(..., training=False)"},
+                ))
+            break
+    return findings
+
+
+def _all_layers(model) -> list[tuple[str, Any]]:
+    out, seen = [], set()
+
+    def visit(layer, prefix):
+        for child in getattr(layer, "layers", []) or []:
+            if id(child) not in seen:
+                seen.add(id(child))
+                out.append((f"{prefix}{child.name}", child))
+                visit(child, f"{prefix}{child.name}/")
+
+    visit(model, "")
+    return out
 
 
 def _dedupe(findings: list[Finding]) -> list[Finding]:

@@ -23,6 +23,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
@@ -891,17 +892,19 @@ def keras_tuner_search(
         A :class:`TunerSearchResult`.
 
     Raises:
-        ImportError: ``keras-tuner`` is not installed.
+        ImportError: ``keras-tuner`` or ``tensorboard`` is not installed.
         ValueError: bad ranges or choices.
     """
-    try:
-        import keras_tuner as kt
-    except ImportError as e:  # pragma: no cover - depends on the environment
+    missing = [pkg for pkg in ("keras_tuner", "tensorboard")
+               if importlib.util.find_spec(pkg) is None]
+    if missing:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "keras_tuner_search needs the keras-tuner package; install it with "
-            "`pip install keras-tuner==1.4.8`."
-        ) from e
+            f"keras_tuner_search needs keras-tuner, which with the TensorFlow backend also "
+            f"imports tensorboard; missing: {missing}. Install them with "
+            "`pip install keras-tuner==1.4.8 tensorboard==2.21.0`."
+        )
     import keras
+    import keras_tuner as kt
 
     from bnutils.evaluation import ends_in_softmax
     from bnutils.pipeline import make_tf_dataset
@@ -956,7 +959,7 @@ def keras_tuner_search(
             val_ds = make_tf_dataset(data.x_val, data.y_val, batch_size=256, shuffle=False)
             callbacks = [*kwargs.get("callbacks", []), keras.callbacks.TerminateOnNaN()]
             return model.fit(train_ds, validation_data=val_ds, epochs=epochs,
-                             callbacks=callbacks, verbose=verbose)
+                             callbacks=callbacks, verbose=verbose, shuffle=False)
 
     start = time.perf_counter()
     tuner = kt.RandomSearch(

@@ -151,7 +151,7 @@ def _toy_model(toy, block):
     model = keras.Model(inp, out)
     bnutils.set_seed(0)
     model.compile("adam", "sparse_categorical_crossentropy")
-    model.fit(*toy, batch_size=32, epochs=5, verbose=0)
+    model.fit(*toy, batch_size=32, epochs=3, verbose=0)
     return model
 
 
@@ -175,6 +175,29 @@ def test_batch_dependent_inference_is_found_and_located(toy):
     assert finding.layer.startswith("base/batch_normalization")
     assert finding.evidence["default_call_rel_change"] > 1e-2
     assert diagnose_batchnorm(_toy_model(toy, wrapped(None)), x, y).ok
+
+
+def test_training_false_in_a_graph_is_overridden_by_fit(toy):
+    x, y = toy
+    base = keras.Sequential([keras.Input((8,)), L.Dense(16, use_bias=False),
+                             L.BatchNormalization(momentum=0.5), L.ReLU()], name="base")
+    inp = keras.Input((8,))
+    model = keras.Model(inp, L.Dense(2, activation="softmax")(base(inp, training=False)))
+    (finding,) = diagnose_batchnorm(model, x).by_code("training-false-overridden")
+    assert finding.severity == "warning" and finding.layer.startswith("base/batch_normalization")
+    # The finding is real: fit() updates the moving statistics despite training=False.
+    bn = base.layers[1]
+    model.compile("adam", "sparse_categorical_crossentropy")
+    before = bn.moving_mean.numpy().copy()
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    assert not np.allclose(bn.moving_mean.numpy(), before)
+    # The fix: freeze the BN layer itself (and compile again).
+    bn.trainable = False
+    assert not diagnose_batchnorm(model, x).by_code("training-false-overridden")
+    model.compile("adam", "sparse_categorical_crossentropy")
+    before = bn.moving_mean.numpy().copy()
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), before)
 
 
 # ------------------------------------------------------------------ structure and config

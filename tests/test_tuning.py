@@ -221,10 +221,11 @@ def test_usable_range_is_the_stable_run_around_the_best():
     # A diverging seed disqualifies a value however good its mean.
     r = usable_range(_rows([0.80, 0.82, 0.90, 0.83, 0.84], [0, 0, 1, 0, 0]), threshold=0.05)
     assert r.best_value == 1.0 and (r.low, r.high) == (1e-1, 1.0)
-    assert r.stable == (1e-3, 1e-1, 1.0), "stable values may have gaps; the range may not"
+    assert r.stable == (1e-4, 1e-3, 1e-1, 1.0), "stable values may have gaps; the range not"
     tolerant = usable_range(_rows([0.80, 0.82, 0.90, 0.83, 0.84], [0, 0, 1, 0, 0]),
                             threshold=0.05, max_diverged_fraction=0.5)
-    assert (tolerant.low, tolerant.high, tolerant.best_value) == (1e-4, 1e-2, 1e-2)
+    assert (tolerant.low, tolerant.high, tolerant.best_value) == (1e-2, 1e-2, 1e-2)
+    assert tolerant.decades == 0.0 and tolerant.stable == (1e-2,)
 
     # A common reference higher than this sweep's best can leave nothing usable.
     r = usable_range(_rows([0.60, 0.70, 0.72, 0.50, 0.40]), threshold=0.05, reference=0.85)
@@ -314,22 +315,26 @@ def test_real_sweep_with_train_records_divergence(data, tmp_path):
 def test_keras_tuner_search_finds_best_and_resumes(data, tmp_path):
     from bnutils.config import get_profile
 
-    builds = []
+    models = []
 
     def builder(bn_momentum):
-        builds.append(bn_momentum)
-        return tiny_mlp(norm="batch", bn_kwargs={"momentum": bn_momentum})
+        models.append(tiny_mlp(norm="batch", bn_kwargs={"momentum": bn_momentum}))
+        return models[-1]
+
+    def trained() -> int:
+        return sum(m.optimizer is not None and int(m.optimizer.iterations) > 0 for m in models)
 
     kwargs = dict(builder=builder, max_trials=2, epochs=1, directory=tmp_path, seed=1,
                   batch_sizes=(32, 64), momentums=(0.9, 0.99))
     result = keras_tuner_search(data, get_profile("quick"), **kwargs)
-    assert len(result.trials) == 2 and len(builds) == 2
+    assert len(result.trials) == 2 and trained() == 2
     scores = [t["score"] for t in result.trials]
     assert result.best_score == max(scores)
     assert 1e-4 <= result.best["lr"] <= 3e-2
     assert result.best["batch_size"] in (32, 64) and result.best["bn_momentum"] in (0.9, 0.99)
     assert json.loads(json.dumps(result.to_dict()))["best"] == result.best
+    assert result.directory.endswith("bn_mlp_quick")
 
     again = keras_tuner_search(data, get_profile("quick"), **kwargs)
-    assert len(builds) == 2, "a finished search trains nothing when called again"
+    assert trained() == 2, "a finished search trains nothing when called again"
     assert again.best == result.best

@@ -63,6 +63,7 @@ def run(names: list[str]) -> None:
 
     profile = os.environ.setdefault("BNUTILS_PROFILE", "full")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("BNUTILS_QUIET", "1")  # no progress bars in the committed outputs
     selected = notebooks()
     if names:
         selected = [p for p in selected if any(n in p.name for n in names)]
