@@ -12,11 +12,13 @@ images resized to 64x64 and repeated to 3 channels. Variants of each model:
 - ``fused``: ``bnutils.layers.FusedBatchNormalization`` (one ``FusedBatchNormV3`` kernel);
 - ``ghost``: ``bnutils.layers.GhostBatchNormalization`` (virtual batches of a quarter batch).
 
-Training: the time of one ``model.fit`` epoch (jit_compile off, as Keras picks on CPU),
-reported per step. Inference: the latency of one call of ``tf.function(model(x))`` on a batch
-of 1 and of 256. Variants are interleaved (in rotating order) within each repeat, after a
-warm-up, so that a slow spell of the shared machine hits all of them; the ratios vs ``none``
-are medians of per-repeat ratios. Results go to ``results/bench_bn_layers.json`` (``--quick``: ``bench_bn_layers_quick.json``).
+Training: the time of one epoch of ``model.fit`` (jit_compile off, as Keras picks on CPU),
+reported per step. The epoch runs in chunks of a few steps (one ``fit`` call each) with the
+variants interleaved chunk by chunk in rotating order, so that a slow spell of the shared
+machine hits all of them; the training ratios vs ``none`` are medians of per-chunk ratios.
+Inference: the latency of one call of ``tf.function(model(x))`` on a batch of 1 and of 256,
+interleaved per repeat; its ratios are medians of per-repeat ratios. Results go to
+``results/bench_bn_layers.json`` (``--quick``: ``results/bench_bn_layers_quick.json``).
 """
 
 from __future__ import annotations
@@ -39,11 +41,29 @@ VARIANTS = ("none", "keras", "fused", "ghost")
 # Sizes of a run: full (the default) and --quick.
 SETTINGS = {
     "full": {
-        "cnn": {"train_images": 12_800, "batch_size": 128, "repeats": 4, "calls": {1: 50, 256: 5}},
-        "resnet50": {"train_images": 320, "batch_size": 32, "repeats": 3, "calls": {1: 10, 256: 1}},
+        "cnn": {
+            "train_images": 12_800,
+            "batch_size": 128,
+            "chunk_steps": 20,
+            "repeats": 4,
+            "calls": {1: 50, 256: 5},
+        },
+        "resnet50": {
+            "train_images": 320,
+            "batch_size": 32,
+            "chunk_steps": 5,
+            "repeats": 3,
+            "calls": {1: 10, 256: 1},
+        },
     },
     "quick": {
-        "cnn": {"train_images": 2_560, "batch_size": 128, "repeats": 2, "calls": {1: 20, 256: 2}},
+        "cnn": {
+            "train_images": 1_280,
+            "batch_size": 128,
+            "chunk_steps": 5,
+            "repeats": 2,
+            "calls": {1: 20, 256: 2},
+        },
     },
 }
 
@@ -164,9 +184,21 @@ def _log(message: str) -> None:
 
 
 def bench_model(
-    name: str, build, x, y, batch_size: int, repeats: int, calls: dict[int, int], variants=VARIANTS
+    name: str,
+    build,
+    x,
+    y,
+    batch_size: int,
+    repeats: int,
+    calls: dict[int, int],
+    chunk_steps: int | None = None,
+    variants=VARIANTS,
 ) -> dict:
     """Time training epochs and inference calls of every variant of one model, interleaved.
+
+    Each repeat is one epoch over ``x`` per variant, run in chunks of ``chunk_steps`` steps
+    (one ``fit`` call each) with the variants interleaved chunk by chunk, so that the chunks
+    compared with each other ran within seconds of each other. Then the inference calls.
 
     Args:
         name: the model's name in the report.
@@ -175,6 +207,7 @@ def bench_model(
         batch_size: training batch size.
         repeats: interleaved repeats.
         calls: inference batch size -> calls timed per repeat.
+        chunk_steps: steps per timed ``fit`` call (default: the whole epoch).
         variants: the variants to compare (``"none"`` first).
 
     Returns:
@@ -183,10 +216,14 @@ def bench_model(
     import keras
     import tensorflow as tf
 
-    from bnutils.pipeline import make_tf_dataset
-
-    data = make_tf_dataset(x, y, batch_size=batch_size, shuffle=False, drop_remainder=True)
     steps = len(x) // batch_size
+    chunk_steps = min(chunk_steps or steps, steps)
+    xb = x[: steps * batch_size].reshape(steps, batch_size, *x.shape[1:])
+    yb = y[: steps * batch_size].reshape(steps, batch_size)
+    chunks = [
+        tf.data.Dataset.from_tensor_slices((xb[i : i + chunk_steps], yb[i : i + chunk_steps]))
+        for i in range(0, steps, chunk_steps)
+    ]
     models, predict = {}, {}
     t_build = time.perf_counter()
     for variant in variants:
@@ -197,7 +234,7 @@ def bench_model(
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             jit_compile=False,
         )
-        model.fit(data.take(2), epochs=1, shuffle=False, verbose=0)  # trace and warm up
+        model.fit(chunks[0].take(2), epochs=1, shuffle=False, verbose=0)  # trace and warm up
         predict[variant] = tf.function(lambda t, m=model: m(t, training=False))
         models[variant] = model
     inputs = {b: tf.constant(np.resize(x, (b, *x.shape[1:]))) for b in calls}
@@ -209,14 +246,25 @@ def bench_model(
         f"{time.perf_counter() - t_build:.0f} s"
     )
 
+    def rotated(k):
+        k %= len(variants)
+        return variants[k:] + variants[:k]
+
     train = {v: [] for v in variants}
+    chunk_times = {v: [] for v in variants}
     latency = {b: {v: [] for v in variants} for b in calls}
     for r in range(repeats):
-        order = variants[r % len(variants) :] + variants[: r % len(variants)]
-        for variant in order:
-            start = time.perf_counter()
-            models[variant].fit(data, epochs=1, shuffle=False, verbose=0)
-            train[variant].append((time.perf_counter() - start) / steps * 1e3)
+        epoch = dict.fromkeys(variants, 0.0)
+        for c, chunk in enumerate(chunks):
+            for variant in rotated(r * len(chunks) + c):
+                start = time.perf_counter()
+                models[variant].fit(chunk, epochs=1, shuffle=False, verbose=0)
+                elapsed = time.perf_counter() - start
+                epoch[variant] += elapsed
+                chunk_times[variant].append(elapsed)
+        for variant in variants:
+            train[variant].append(epoch[variant] / steps * 1e3)
+        for variant in rotated(r):
             for b, n in calls.items():
                 per_call = []
                 for _ in range(n):
@@ -229,11 +277,12 @@ def bench_model(
             + ", ".join(f"{v} {train[v][-1]:.1f}" for v in variants)
         )
 
-    result = {
+    return {
         "steps_per_epoch": steps,
         "batch_size": batch_size,
+        "chunk_steps": chunk_steps,
         "train_step_ms": {v: _stats(train[v]) for v in variants},
-        "train_ratio_vs_none": {v: _paired_ratio(train, v) for v in variants},
+        "train_ratio_vs_none": {v: _paired_ratio(chunk_times, v) for v in variants},
         "train_ratio_of_min": {v: _min_ratio(train, v) for v in variants},
         "latency_ms": {f"batch_{b}": {v: _stats(latency[b][v]) for v in variants} for b in calls},
         "latency_ratio_vs_none": {
@@ -243,7 +292,6 @@ def bench_model(
             f"batch_{b}": {v: _min_ratio(latency[b], v) for v in variants} for b in calls
         },
     }
-    return result
 
 
 def _rows(models: dict) -> list[dict]:
@@ -316,6 +364,7 @@ def run(
             cfg["batch_size"],
             cfg["repeats"],
             cfg["calls"],
+            chunk_steps=cfg["chunk_steps"],
         )
     return {
         "command": "python benchmarks/bench_bn_layers.py" + (" --quick" if quick else ""),

@@ -94,7 +94,10 @@ def export_savedmodel(
     if fold:
         from bnutils.folding import fold_batchnorm
 
-        model, report = fold_batchnorm(model, return_report=True)
+        try:
+            model, report = fold_batchnorm(model, return_report=True)
+        except ValueError as err:
+            raise ValueError(f"{err} Or export it unfolded with `fold=False`.") from err
     outputs = _output_specs(model)
     if class_names is not None:
         class_names = [str(c) for c in class_names]

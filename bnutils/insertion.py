@@ -1,12 +1,13 @@
 """``insert_batchnorm``: a copy of a Keras model with batch normalization after chosen layers.
 
-The copy keeps every original weight and, at the moment of insertion, computes *exactly* what
-the original computes in inference mode: each new BN layer starts with its moving statistics at
-their initial values (mean 0, variance 1) and with ``gamma`` chosen so that
-``gamma / sqrt(moving_variance + epsilon)`` is 1.0 in float32 (``gamma = sqrt(1 + epsilon)``
-up to rounding), and a removed bias moves into ``beta``. Training then changes both.
-Pass ``preserve_outputs=False`` for BN layers with their usual initial weights instead
-(``gamma = 1``, ``beta = 0``; the removed bias is then dropped).
+The copy keeps every original weight and, at the moment of insertion, computes what the
+original computes in inference mode (to float32 round-off; in our tests usually bit for bit):
+each new BN layer starts with its moving statistics at their initial values (mean 0,
+variance 1), ``gamma = sqrt(moving_variance + epsilon)`` (rounded so that
+``gamma * rsqrt(moving_variance + epsilon)`` is 1.0 in float32, which cancels BN's
+``1 / sqrt(1 + epsilon)`` factor) and ``beta = moving_mean + old bias``. Training then changes
+all of them. Pass ``preserve_outputs=False`` for BN layers with their usual initial weights
+instead (``gamma = 1``, ``beta = 0``; a removed bias is then dropped).
 
 How the graph is rewritten:
 
@@ -271,7 +272,9 @@ def _exact_gamma(moving_variance: np.ndarray, epsilon: float) -> np.ndarray:
     """``gamma`` with ``rsqrt(moving_variance + epsilon) * gamma == 1`` in float32.
 
     Computed with the backend's own ``rsqrt``; tries the float32 neighbours of
-    ``sqrt(variance + epsilon)`` so the product rounds to exactly 1.0 where one exists.
+    ``sqrt(variance + epsilon)`` so the product rounds to exactly 1.0 where one exists. (A
+    vectorized ``rsqrt`` may round a value differently at another memory alignment, so the
+    product seen inside BN can still be one ulp off.)
     """
     var = ops.convert_to_tensor(np.asarray(moving_variance, "float32"))
     inv = ops.convert_to_numpy(ops.rsqrt(var + epsilon)).astype("float32")

@@ -702,7 +702,12 @@ class TrainTrial:
     - ``bn_momentum``, ``renorm``, ``bn_epsilon`` go into the builder's ``bn_kwargs``;
     - ``init_scale`` becomes ``kernel_initializer=init_config(init_scale)`` (He-normal with
       its standard deviation multiplied by ``init_scale``);
+    - ``variant`` names one of ``variants``, a set of builder arguments (e.g.
+      ``{"BN + renorm": {"norm": "batch", "bn_kwargs": {"renorm": True}}}``);
     - everything else (``norm``, ``widths``, ...) is a keyword argument of the builder.
+
+    BN arguments are dropped for a configuration whose ``norm`` is not ``"batch"``, so a grid
+    may cross ``norm`` with ``bn_momentum``.
 
     Args:
         data: a :class:`bnutils.data.Dataset`.
@@ -711,6 +716,7 @@ class TrainTrial:
         epochs: epochs per trial (a grid's ``epochs`` overrides it).
         batch_size, optimizer, lr: defaults of the ``train`` arguments.
         builder_kwargs: fixed keyword arguments of the builder.
+        variants: name -> builder arguments, selected by a grid's ``variant``.
         evaluate: optional ``evaluate(model, result, params) -> dict`` whose metrics are
             added to the trial's (e.g. accuracy after precise BN). The model is saved with
             the run so that ``evaluate`` also works on a cached run.
@@ -728,6 +734,7 @@ class TrainTrial:
         optimizer: str = "adam",
         lr: float | None = None,
         builder_kwargs: Mapping[str, Any] | None = None,
+        variants: Mapping[str, Mapping[str, Any]] | None = None,
         evaluate: Callable[[Any, Any, dict], Mapping] | None = None,
         results_dir: str | os.PathLike | None = None,
         force: bool = False,
@@ -745,6 +752,7 @@ class TrainTrial:
         self.optimizer = optimizer
         self.lr = lr
         self.builder_kwargs = dict(builder_kwargs or {})
+        self.variants = {str(k): dict(v) for k, v in (variants or {}).items()}
         self.evaluate = evaluate
         self.results_dir = results_dir
         self.force = force
@@ -760,6 +768,7 @@ class TrainTrial:
             "builder": f"{getattr(self.builder, '__module__', '?')}."
                        f"{getattr(self.builder, '__qualname__', type(self.builder).__name__)}",
             "builder_kwargs": _describe_value(self.builder_kwargs),
+            "variants": _describe_value(self.variants),
             "data": {"name": getattr(self.data, "name", "?"), "train": len(self.data.x_train),
                      "val": len(self.data.x_val), "digest": digest},
             "epochs": self.epochs, "batch_size": self.batch_size,
@@ -769,10 +778,21 @@ class TrainTrial:
         })
 
     def split(self, params: Mapping[str, Any]) -> tuple[dict, dict]:
-        """``(builder_kwargs, train_kwargs)`` for one grid point."""
+        """``(builder_kwargs, train_kwargs)`` for one grid point.
+
+        Raises:
+            KeyError: ``params["variant"]`` is not one of ``variants``.
+        """
         build = dict(self.builder_kwargs)
         fit = {"epochs": self.epochs, "batch_size": self.batch_size,
                "optimizer": self.optimizer, "lr": self.lr}
+        params = dict(params)
+        if "variant" in params:
+            name = params.pop("variant")
+            if name not in self.variants:
+                raise KeyError(f"Unknown variant {name!r}; expected one of "
+                               f"{sorted(self.variants)} (the `variants` of this TrainTrial).")
+            build.update(self.variants[name])
         bn = dict(build.get("bn_kwargs") or {})
         for key, value in params.items():
             if key in _TRAIN_KEYS:
@@ -785,6 +805,10 @@ class TrainTrial:
                 build[key] = value
         if bn:
             build["bn_kwargs"] = bn
+        if build.get("norm", "batch") != "batch":
+            build.pop("bn_kwargs", None)
+        if fit["lr"] is not None:
+            fit["lr"] = float(fit["lr"])  # Keras rejects an int learning rate
         return build, fit
 
     def __call__(self, params: dict, seed: int) -> dict:
@@ -858,6 +882,7 @@ def keras_tuner_search(
     lr_range: tuple[float, float] = (1e-4, 3e-2),
     batch_sizes: Sequence[int] = (32, 64, 128, 256),
     momentums: Sequence[float] = (0.9, 0.99, 0.999),
+    optimizer: str = "adam",
     max_trials: int | None = None,
     epochs: int | None = None,
     seed: int = 0,
@@ -879,12 +904,14 @@ def keras_tuner_search(
             (default: the active profile).
         builder: ``builder(bn_momentum=...)`` returning a ``keras.Model``; default
             :func:`bnutils.models.build_mlp` with ``norm="batch"``.
-        lr_range: ``(low, high)`` of the learning rate (Adam).
+        lr_range: ``(low, high)`` of the learning rate.
         batch_sizes, momentums: the choices.
+        optimizer: ``"adam"``, ``"sgd"`` or ``"momentum"`` (SGD with momentum 0.9).
         max_trials, epochs: override the profile's ``tuner_trials`` and ``epochs``.
         seed: seeds the search and each trial's weights and shuffling.
         directory: the tuner's folder (default ``results/tuner``).
-        project_name: subfolder (default ``bn_mlp_<profile name>``).
+        project_name: subfolder (default ``bn_mlp_<profile name>_<hash of the search
+            settings>``, so a changed search starts afresh instead of clashing).
         overwrite: discard an earlier search in the same folder.
         verbose: Keras verbosity (default chosen by :func:`bnutils.training.resolve_verbose`).
 
@@ -926,6 +953,12 @@ def keras_tuner_search(
             f"Expected positive batch sizes and momentums in [0, 1), received "
             f"batch_sizes={batch_sizes!r}, momentums={momentums!r}."
         )
+    optimizers = {"adam": lambda lr: keras.optimizers.Adam(learning_rate=lr),
+                  "sgd": lambda lr: keras.optimizers.SGD(learning_rate=lr),
+                  "momentum": lambda lr: keras.optimizers.SGD(learning_rate=lr, momentum=0.9)}
+    if optimizer not in optimizers:
+        raise ValueError(f"`optimizer` must be one of {sorted(optimizers)}, received "
+                         f"{optimizer!r}.")
     if max_trials < 1 or epochs < 1:
         raise ValueError(f"max_trials and epochs must be >= 1, received {max_trials}, {epochs}.")
     if builder is None:
@@ -935,7 +968,10 @@ def keras_tuner_search(
             return build_mlp(norm="batch", bn_kwargs={"momentum": bn_momentum})
 
     folder = Path(directory) if directory is not None else _config.results_dir("tuner")
-    project = project_name or f"bn_mlp_{getattr(profile, 'name', 'custom')}"
+    space = json.dumps([low, high, batch_sizes, momentums, optimizer, max_trials, epochs, seed,
+                        len(data.x_train), len(data.x_val), getattr(builder, "__qualname__", "")])
+    project = project_name or (f"bn_mlp_{getattr(profile, 'name', 'custom')}_"
+                               f"{hashlib.sha256(space.encode()).hexdigest()[:8]}")
     verbose = resolve_verbose(verbose)
 
     class _BNHyperModel(kt.HyperModel):
@@ -946,7 +982,7 @@ def keras_tuner_search(
             set_seed(seed)
             model = builder(bn_momentum=momentum)
             model.compile(
-                optimizer=keras.optimizers.Adam(learning_rate=lr),
+                optimizer=optimizers[optimizer](lr),
                 loss=keras.losses.SparseCategoricalCrossentropy(
                     from_logits=not ends_in_softmax(model)),
                 metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],

@@ -238,6 +238,10 @@ def test_bn_after_softmax_or_as_output():
     found = diagnose_batchnorm(as_output, x).by_code("bn-after-softmax-or-output")
     assert len(found) == 1 and "last layer" in found[0].message
     assert not diagnose_batchnorm(fine, x).by_code("bn-after-softmax-or-output")
+    both = keras.Sequential([keras.Input((6,)), L.Dense(3, activation="softmax"),
+                             L.BatchNormalization()])
+    (finding,) = diagnose_batchnorm(both, x).by_code("bn-after-softmax-or-output")
+    assert finding.evidence["is_output"] and finding.evidence["activation"] == "softmax"
 
 
 def test_suspicious_momentum_and_pytorch_epsilon(fmnist):

@@ -25,8 +25,8 @@ def model():
     m = keras.Sequential(
         [
             keras.Input((8, 8, 1)),
-            L.Conv2D(4, 3, use_bias=False),
-            L.BatchNormalization(),
+            L.Conv2D(4, 3, use_bias=False, name="conv"),
+            L.BatchNormalization(name="bn"),
             L.ReLU(),
             L.MaxPooling2D(),
             L.Flatten(),
@@ -63,7 +63,7 @@ def test_export_writes_savedmodel_and_metadata(model, x, tmp_path):
     assert meta["class_names"] == names
     assert meta["preprocessing"] == "x / 255"
     assert meta["folded"] is True
-    assert meta["fold_report"]["folded"] == [["conv2d", "batch_normalization"]]
+    assert meta["fold_report"]["folded"] == [["conv", "bn"]]
     assert meta["versions"]["tensorflow"] == __import__("tensorflow").__version__
     assert meta["versions"]["keras"] == keras.__version__
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sm"]  # no temporary leftovers

@@ -18,6 +18,7 @@ FUSED_CASES = [
     ((2, 7), -1),
     ((5, 4), 1),
     ((4, 6, 3), -1),
+    ((2, 3, 2, 2, 4), -1),
 ]
 
 
@@ -71,6 +72,24 @@ def test_fused_matches_keras_outputs_and_moving_stats(shape, axis):
         )
     x = _data(shape, seed=123)
     np.testing.assert_allclose(fused_bn(x, training=False), keras_bn(x, training=False), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,axis", [((6, 7), -1), ((4, 3, 5, 2), 1), ((3, 4, 4, 2), -1)])
+def test_fused_with_unknown_dimensions(shape, axis):
+    keras_bn, fused_bn = _pair(shape, axis, momentum=0.5)
+    dims = [None] * len(shape)  # every dimension unknown but the channels
+    dims[axis] = shape[axis]
+    spec = tf.TensorSpec(dims, "float32")
+    steps = {
+        layer: tf.function(lambda t, la=layer: la(t, training=True), input_signature=[spec])
+        for layer in (keras_bn, fused_bn)
+    }
+    for seed in range(3):
+        x = _data(shape, seed=seed)
+        np.testing.assert_allclose(steps[fused_bn](x), steps[keras_bn](x), atol=1e-5)
+    np.testing.assert_allclose(
+        fused_bn.moving_variance.numpy(), keras_bn.moving_variance.numpy(), rtol=1e-5
+    )
 
 
 def test_fused_moving_variance_uses_biased_batch_variance():

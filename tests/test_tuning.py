@@ -284,6 +284,18 @@ def test_train_trial_maps_parameters(data):
     other = TrainTrial(data.subset(128, 128, 128), tiny_mlp, epochs=2)
     assert trial.context != other.context
 
+    variants = {"BN + renorm": {"norm": "batch", "bn_kwargs": {"renorm": True}},
+                "LN": {"norm": "layer"}}
+    trial = TrainTrial(data, tiny_mlp, epochs=1, variants=variants)
+    build, fit = trial.split({"variant": "BN + renorm", "bn_momentum": 0.9, "lr": 1})
+    assert build == {"norm": "batch", "bn_kwargs": {"renorm": True, "momentum": 0.9}}
+    assert isinstance(fit["lr"], float)
+    build, _ = trial.split({"variant": "LN", "bn_momentum": 0.9})
+    assert build == {"norm": "layer"}, "BN arguments are dropped without BN"
+    with pytest.raises(KeyError, match="Unknown variant 'GN'"):
+        trial.split({"variant": "GN"})
+    assert trial.context != TrainTrial(data, tiny_mlp, epochs=1).context
+
 
 def test_real_sweep_with_train_records_divergence(data, tmp_path):
     momenta = []
@@ -333,8 +345,10 @@ def test_keras_tuner_search_finds_best_and_resumes(data, tmp_path):
     assert 1e-4 <= result.best["lr"] <= 3e-2
     assert result.best["batch_size"] in (32, 64) and result.best["bn_momentum"] in (0.9, 0.99)
     assert json.loads(json.dumps(result.to_dict()))["best"] == result.best
-    assert result.directory.endswith("bn_mlp_quick")
+    assert "bn_mlp_quick_" in result.directory
 
     again = keras_tuner_search(data, get_profile("quick"), **kwargs)
     assert trained() == 2, "a finished search trains nothing when called again"
-    assert again.best == result.best
+    assert again.best == result.best and again.directory == result.directory
+    with pytest.raises(ValueError, match="optimizer"):
+        keras_tuner_search(data, get_profile("quick"), **kwargs, optimizer="lamb")
