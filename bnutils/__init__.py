@@ -52,6 +52,13 @@ _EXPORTS = {
     "plot_confusion_matrix": "plots",
     "plot_moving_stats": "plots",
     "plot_gradient_norms": "plots",
+    # precise BN and the BN doctor
+    "recalibrate_batchnorm": "precise",
+    "RecalibrationReport": "precise",
+    "find_batchnorm_layers": "precise",
+    "diagnose_batchnorm": "doctor",
+    "DoctorReport": "doctor",
+    "Finding": "doctor",
     # inference
     "fold_batchnorm": "folding",
     "export_savedmodel": "export",
