@@ -26,6 +26,7 @@ class Profile:
         val_size: validation examples carved from the training set.
         test_size: test examples used (``None``: all 10,000).
         epochs: epochs of a normal training run.
+        short_epochs: epochs of a run that only shows a model learns (a look, not a result).
         long_epochs: epochs of the suite's best-accuracy run.
         seeds: seeds per configuration in comparisons.
         sweep_points: points per axis of a hyperparameter sweep.
@@ -42,6 +43,7 @@ class Profile:
     seeds: int
     sweep_points: int
     tuner_trials: int
+    short_epochs: int = 2
     batch_size: int = 128
 
     @property
@@ -64,6 +66,7 @@ PROFILES: dict[str, Profile] = {
         seeds=3,
         sweep_points=3,
         tuner_trials=2,
+        short_epochs=2,
     ),
     "full": Profile(
         name="full",
@@ -75,6 +78,7 @@ PROFILES: dict[str, Profile] = {
         seeds=5,
         sweep_points=7,
         tuner_trials=10,
+        short_epochs=3,
     ),
 }
 

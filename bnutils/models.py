@@ -163,6 +163,7 @@ def build_mlp(
     groups: int = 32,
     synchronized: bool = False,
     output_activation: str | None = "softmax",
+    split_activation: bool = False,
     name: str | None = None,
 ) -> keras.Model:
     """A fully connected network; the default is Ioffe & Szegedy's MNIST net (3 x 100 sigmoid).
@@ -178,6 +179,9 @@ def build_mlp(
         kernel_initializer: initializer of every kernel.
         norm, bn_position, bn_layer, bn_kwargs, groups, synchronized: see the module docstring.
         output_activation: activation of ``predictions`` (``None``: logits).
+        split_activation: without ``norm``, give each hidden layer a separate
+            ``dense_i_act`` Activation layer instead of fusing it into the Dense (the same
+            function; useful to observe a unit's pre-activation, as notebook 04 does).
         name: model name (default ``"mlp"``, ``"mlp_bn"``, ``"mlp_bn_after"``, ...).
 
     Returns:
@@ -195,6 +199,10 @@ def build_mlp(
     x = keras.layers.Flatten(name="flatten")(inputs)
     for i, units in enumerate(widths, start=1):
         layer_name = f"dense_{i}"
+        if norm is None and split_activation:
+            x = keras.layers.Dense(units, name=layer_name, kernel_initializer=kernel_initializer)(x)
+            x = keras.layers.Activation(activation, name=f"{layer_name}_act")(x)
+            continue
         if norm is None:
             x = keras.layers.Dense(units, activation=activation, name=layer_name,
                                    kernel_initializer=kernel_initializer)(x)

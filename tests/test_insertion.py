@@ -342,6 +342,21 @@ def test_bn_kwargs_are_passed_and_outputs_still_kept():
     _assert_same_outputs(model, new, _rand(4, 28, 28, 1), atol=1e-6)
 
 
+def test_synchronized_is_passed_through():
+    new = insert_batchnorm(build_mlp(), synchronized=True)
+    assert all(bn.synchronized for bn in _bn_layers(new)) and len(_bn_layers(new)) == 3
+
+
+def test_nested_sequential_built_by_calling_it():
+    block = keras.Sequential([L.Dense(5, activation="relu", name="inner")], name="block")
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, L.Dense(2, name="out")(block(inputs)))
+    _randomize_biases(model)
+    new, report = insert_batchnorm(model, return_report=True)
+    assert list(report.inserted) == ["block/inner"]
+    _assert_same_outputs(model, new, _rand(4, 3))
+
+
 def test_preserve_outputs_false_gives_default_bn_weights():
     model = build_mlp()
     _randomize_biases(model)

@@ -154,3 +154,13 @@ def test_bad_arguments():
         build_resnet(widths=())
     with pytest.raises(ValueError, match="dropout"):
         build_cnn(dropout=1.0)
+
+
+def test_mlp_split_activation_is_the_same_function():
+    fused = build_mlp(input_shape=(4, 4, 1), widths=(5, 5))
+    split = build_mlp(input_shape=(4, 4, 1), widths=(5, 5), split_activation=True)
+    assert [layer.name for layer in split.layers].count("dense_2_act") == 1
+    assert split.get_layer("dense_1").activation.__name__ == "linear"
+    split.set_weights(fused.get_weights())
+    x = np.random.default_rng(0).normal(size=(3, 4, 4, 1)).astype("float32")
+    np.testing.assert_allclose(split(x), fused(x), rtol=1e-6, atol=1e-7)
