@@ -45,7 +45,7 @@ SETTINGS = {
             "train_images": 12_800,
             "batch_size": 128,
             "chunk_steps": 20,
-            "repeats": 4,
+            "repeats": 3,
             "calls": {1: 50, 256: 5},
         },
         "resnet50": {
@@ -324,7 +324,7 @@ def _machine() -> dict:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+        "load_average_1_5_15_min_at_end": [round(v, 2) for v in os.getloadavg()],
     }
 
 
