@@ -64,6 +64,11 @@ _EXPORTS = {
     "export_savedmodel": "export",
     "load_for_inference": "export",
     "check_batch_independence": "inference",
+    "BatchIndependenceReport": "inference",
+    "FoldReport": "folding",
+    "check_fresh_process": "export",
+    "export_onnx": "runtimes",
+    "export_litert": "runtimes",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
