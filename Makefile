@@ -30,7 +30,7 @@ data: $(STAMP)
 	bash tools/ensure_data.sh $(BIN)/python
 
 lint: setup
-	$(BIN)/ruff check bnutils tests tools benchmarks notebooks
+	$(BIN)/ruff check bnutils tests tools benchmarks scripts notebooks
 
 unit: setup
 	BNUTILS_PROFILE=quick $(BIN)/python -m pytest -q tests

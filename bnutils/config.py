@@ -112,8 +112,15 @@ def repo_root() -> Path:
 
 
 def results_dir(*parts: str, create: bool = True) -> Path:
-    """A folder under ``results/`` (or ``$BNUTILS_RESULTS``), created on demand."""
-    base = Path(os.environ.get("BNUTILS_RESULTS", repo_root() / "results"))
+    """A folder under ``results/`` (or ``$BNUTILS_RESULTS``), created on demand.
+
+    In the quick profile the default base is ``results/quick/`` (not committed), so CI-size
+    runs never overwrite the full-profile result files behind the README.
+    """
+    default = repo_root() / "results"
+    if os.environ.get(PROFILE_ENV, "").strip().lower() == "quick":
+        default = default / "quick"
+    base = Path(os.environ.get("BNUTILS_RESULTS", default))
     path = base.joinpath(*parts)
     if create:
         path.mkdir(parents=True, exist_ok=True)

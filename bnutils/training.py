@@ -713,7 +713,7 @@ def train(
     val_ds = (make_tf_dataset(data.x_val, data.y_val, batch_size=max(batch_size, 256),
                               shuffle=False) if len(data.x_val) else None)
     recorder = _recorder_class()()
-    steps_before = int(model.optimizer.iterations)
+    steps_before = _iterations(model)
     start = time.perf_counter()
     fit = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
                     callbacks=[recorder, *callbacks], verbose=resolve_verbose(verbose),
@@ -766,7 +766,7 @@ def train(
     result = TrainResult(
         run_name=name, key=key, seed=seed, config=record, history=history, **curves,
         epoch_times=list(recorder.epoch_times), total_time=total,
-        steps=int(model.optimizer.iterations) - steps_before,
+        steps=_iterations(model) - steps_before,
         steps_per_epoch=math.ceil(len(data.x_train) / batch_size),
         target_accuracy=None if target_accuracy is None else float(target_accuracy),
         target_epoch=target_epoch, target_seconds=target_seconds,
@@ -834,3 +834,9 @@ def _describe_loss(loss):
                 **{k: v for k, v in cfg.items() if k in ("from_logits", "reduction")}}
     except Exception:
         return getattr(loss, "__name__", type(loss).__name__)
+
+
+def _iterations(model) -> int:
+    """The optimizer's step counter as an int (``int()`` of it fails under tf.distribute)."""
+    value = model.optimizer.iterations
+    return int(np.asarray(value.numpy() if hasattr(value, "numpy") else value))
