@@ -75,3 +75,11 @@ def test_pipeline_shuffles_with_seed_and_batches():
         make_tf_dataset(x, batch_size=0)
     with pytest.raises(ValueError, match="x has 100 examples but y has 3"):
         make_tf_dataset(x, np.zeros(3))
+
+
+def test_quick_results_never_land_on_committed_files(monkeypatch):
+    monkeypatch.delenv("BNUTILS_RESULTS", raising=False)
+    monkeypatch.setenv(config.PROFILE_ENV, "quick")
+    assert config.results_dir("runs", create=False) == config.repo_root() / "results/quick/runs"
+    monkeypatch.setenv(config.PROFILE_ENV, "full")
+    assert config.results_dir(create=False) == config.repo_root() / "results"
