@@ -17,6 +17,7 @@ _EXPORTS = {
     "PROFILES": "config",
     "get_profile": "config",
     "results_dir": "config",
+    "figures_dir": "config",
     "set_seed": "repro",
     "Dataset": "data",
     "DatasetError": "data",
@@ -52,6 +53,12 @@ _EXPORTS = {
     "plot_confusion_matrix": "plots",
     "plot_moving_stats": "plots",
     "plot_gradient_norms": "plots",
+    # tuning
+    "run_sweep": "tuning",
+    "SweepResult": "tuning",
+    "load_sweep": "tuning",
+    "usable_range": "tuning",
+    "keras_tuner_search": "tuning",
     # precise BN and the BN doctor
     "recalibrate_batchnorm": "precise",
     "RecalibrationReport": "precise",

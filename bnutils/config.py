@@ -11,7 +11,15 @@ import dataclasses
 import os
 from pathlib import Path
 
-__all__ = ["PROFILE_ENV", "PROFILES", "Profile", "get_profile", "repo_root", "results_dir"]
+__all__ = [
+    "PROFILE_ENV",
+    "PROFILES",
+    "Profile",
+    "figures_dir",
+    "get_profile",
+    "repo_root",
+    "results_dir",
+]
 
 PROFILE_ENV = "BNUTILS_PROFILE"
 
@@ -124,4 +132,16 @@ def results_dir(*parts: str, create: bool = True) -> Path:
     path = base.joinpath(*parts)
     if create:
         path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def figures_dir() -> Path:
+    """Where notebooks save figures: ``figures/``, or ``figures/quick/`` in the quick profile.
+
+    The committed figures come from full-profile runs; CI-size runs write beside them.
+    """
+    path = repo_root() / "figures"
+    if os.environ.get(PROFILE_ENV, "").strip().lower() == "quick":
+        path = path / "quick"
+    path.mkdir(parents=True, exist_ok=True)
     return path
