@@ -6,7 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.bnutils-installed
-NOTEBOOKS := $(sort $(wildcard notebooks/[0-9A-Z]*.ipynb))
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9A-Z]*.ipynb)) $(sort $(wildcard notebooks/drafts/*.ipynb))
 
 .PHONY: run test setup data lint unit nbval results benchmarks format
 

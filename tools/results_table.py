@@ -49,8 +49,10 @@ def section() -> str:
             out.append(f"Not yet measured (`results/{fname}` is missing).\n")
             continue
         out.append(render(d))
-        out.append(f"\nSource: `results/{fname}`; {d.get('command', '')}; profile "
-                   f"`{d.get('profile', 'n/a')}`; {_machine(d)}.\n")
+        how = d.get("command") or f"`python benchmarks/{d.get('benchmark', '')}.py`"
+        prof = d.get("profile") or ("quick" if d.get("quick") else "full")
+        out.append(f"\nSource: `results/{fname}`, written by {how}; profile `{prof}`; "
+                   f"{_machine(d)}.\n")
     return "\n".join(out)
 
 
@@ -67,6 +69,26 @@ def _render_rows(d) -> str:
     return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "") + "\n"
 
 
+def _render_inference(d) -> str:
+    lines = ["| mode | batch | unfolded ms | folded ms | no BN ms | folded / no BN | unfolded / folded |",
+             "|---|---|---|---|---|---|---|"]
+    for mode, batches in d.get("batches", {}).items():
+        for batch, v in batches.items():
+            c = v.get("cpu") or v["wall"]
+            lat = c["latency"]
+            lines.append(
+                f"| {mode} | {batch} | {lat['unfolded']['median_ms']:.3f} | "
+                f"{lat['folded']['median_ms']:.3f} | {lat['no_bn']['median_ms']:.3f} | "
+                f"{c['ratio_folded_over_no_bn']:.2f} | {c['ratio_unfolded_over_folded']:.2f} |")
+    goals = d.get("goals", {})
+    return "\n".join(lines) + (
+        f"\n\nMedian CPU time per call of the benchmark process (wall time on a shared machine is "
+        f"noisier; both are in the file). Goals: folded / no BN <= {goals.get('folded_over_no_bn_max')}, "
+        f"unfolded / folded >= {goals.get('unfolded_over_folded_batch1_min')} at batch 1. "
+        f"Folding: {d['model']['layers']['unfolded']} -> {d['model']['layers']['folded']} layers, "
+        f"largest relative difference {d['model']['fold_max_rel_diff']:.1e}.\n")
+
+
 _SECTIONS = [
     ("claims_audit.json", "With vs without BN: test accuracy and the claims audit (notebook 05)",
      _render_rows),
@@ -74,7 +96,7 @@ _SECTIONS = [
     ("bench_bn_layers.json", "Training-step cost of BN layers (benchmarks/bench_bn_layers.py)",
      _render_rows),
     ("bench_inference.json", "Inference latency: unfolded, folded, no BN "
-     "(benchmarks/bench_inference.py)", _render_rows),
+     "(benchmarks/bench_inference.py)", _render_inference),
 ]
 
 
