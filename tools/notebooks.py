@@ -66,13 +66,14 @@ def run(names: list[str]) -> None:
     os.environ.setdefault("BNUTILS_QUIET", "1")  # no progress bars in the committed outputs
     selected = notebooks()
     if names:
-        selected = [p for p in selected if any(n in p.name for n in names)]
+        paths = [Path(n).resolve() for n in names if n.endswith(".ipynb") and Path(n).is_file()]
+        selected = paths or [p for p in selected if any(n in p.name for n in names)]
     for p in selected:
         start = time.perf_counter()
         print(f"[{profile}] executing {p.name} ...", flush=True)
         nb = nbformat.read(p, as_version=4)
         client = NotebookClient(nb, timeout=3600, kernel_name="python3",
-                                resources={"metadata": {"path": str(NB_DIR)}})
+                                resources={"metadata": {"path": str(p.parent)}})
         client.execute()
         seconds = time.perf_counter() - start
         _drop_log_noise(nb)
