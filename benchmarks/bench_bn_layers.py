@@ -373,8 +373,10 @@ def run(
         "settings": used,
         "rows": _rows(report),
         "notes": [
-            "Times are medians of interleaved repeats on a shared machine; ratios are medians "
-            "of per-repeat ratios vs no BN, measured in the same run.",
+            "Times are medians of interleaved repeats on a shared machine. Training ratios vs "
+            "no BN are medians of per-chunk ratios (a few steps per chunk, variants "
+            "interleaved), latency ratios medians of per-repeat ratios, all from the same run; "
+            "'of min' is the ratio of the minima.",
             "Ghost BN uses virtual batches of a quarter of the batch; its inference is Keras's BN.",
         ],
         "models": report,

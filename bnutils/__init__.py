@@ -32,6 +32,7 @@ _EXPORTS = {
     "ScratchBatchNormalization": "scratch",
     "FusedBatchNormalization": "layers",
     "GhostBatchNormalization": "layers",
+    "convert_batchnorm": "layers",
     # training and evaluation
     "train": "training",
     "TrainResult": "training",
