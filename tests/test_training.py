@@ -240,3 +240,13 @@ def test_verbose_is_quiet_under_tests(monkeypatch):
     assert resolve_verbose() in (1, 2)
     monkeypatch.setenv("BNUTILS_QUIET", "1")
     assert resolve_verbose() == 0
+
+
+def test_mirrored_strategy_counts_steps(data):
+    """Under MirroredStrategy the optimizer's step counter is a distributed variable."""
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    r = train(build_mlp, data, epochs=1, batch_size=128, strategy=strategy)
+    assert r.steps == r.steps_per_epoch > 0
+    assert r.model.distribute_strategy is strategy
