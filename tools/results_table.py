@@ -92,6 +92,8 @@ def _render_inference(d) -> str:
 _SECTIONS = [
     ("claims_audit.json", "With vs without BN: test accuracy and the claims audit (notebook 05)",
      _render_rows),
+    ("bench_time_to_accuracy.json", "Time to 91% test accuracy, CNN with and without BN "
+     "(benchmarks/bench_time_to_accuracy.py)", _render_rows),
     ("tuning_summary.json", "Hyperparameters (notebook 06)", _render_rows),
     ("bench_bn_layers.json", "Training-step cost of BN layers (benchmarks/bench_bn_layers.py)",
      _render_rows),

@@ -1,0 +1,239 @@
+"""Does BN make a CNN reach a test accuracy sooner, in wall-clock seconds?
+
+    .venv/bin/python benchmarks/bench_time_to_accuracy.py           # full run (15-30 minutes)
+    .venv/bin/python benchmarks/bench_time_to_accuracy.py --quick   # subsets, about a minute
+
+The VGG-style CNN of the notebooks (``bnutils.build_cnn``) trains on Fashion-MNIST with Adam,
+without BN (``none``) and with BN (``fused``: ``bnutils.FusedBatchNormalization``, TF's fused
+kernel; ``keras``: ``keras.layers.BatchNormalization``, unfused in Keras 3), each at every
+learning rate of a small grid. After every epoch the test accuracy is measured (outside the
+clock); a run stops when it reaches the target (default 91%) or when its training time passes
+the best time already found for its variant, since it can no longer be that variant's best.
+Each variant is scored at its own best learning rate, and the script prints the ratio of
+BN's seconds to the no-BN model's seconds (the issue's goal: at most one third).
+
+One seed per run (the timing is the point; notebook 05 has the seed statistics). The clock
+counts ``fit`` only: one ``fit`` call per epoch, tracing of the first call included. Results go
+to ``results/bench_time_to_accuracy.json`` (``--quick``: ``results/quick/...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+VARIANTS = ("none", "fused", "keras")
+
+SETTINGS = {
+    "full": {"train": None, "val": 5_000, "test": None, "target": 0.91, "max_epochs": 10,
+             "lrs": [1e-3, 3e-3, 3e-4], "batch_size": 128},
+    "quick": {"train": 3_000, "val": 1_000, "test": 2_000, "target": 0.75, "max_epochs": 3,
+              "lrs": [1e-3, 3e-3], "batch_size": 128},
+}
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def build(variant: str, seed: int):
+    """The notebook CNN for one variant, built after seeding."""
+    import bnutils
+
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown variant {variant!r}; expected one of {list(VARIANTS)}.")
+    bnutils.set_seed(seed)
+    if variant == "none":
+        return bnutils.build_cnn(norm=None, name="cnn")
+    layer = bnutils.FusedBatchNormalization if variant == "fused" else None
+    return bnutils.build_cnn(norm="batch", bn_layer=layer, name=f"cnn_bn_{variant}")
+
+
+def _test_accuracy(model, x, y) -> float:
+    probs = model.predict(x, batch_size=1000, verbose=0)
+    return float(np.mean(np.argmax(probs, axis=-1) == y))
+
+
+def time_to_target(variant: str, lr: float, ds, target: float, max_epochs: int,
+                   batch_size: int, seed: int, give_up_after: float = math.inf) -> dict:
+    """Train one run epoch by epoch until it reaches ``target`` test accuracy.
+
+    Returns a dict with the per-epoch ``test_accuracy`` and cumulative ``train_seconds``, and
+    ``reached`` / ``epoch`` / ``seconds`` (``None`` when not reached) and ``stopped`` (why the
+    run ended: ``"reached"``, ``"max_epochs"`` or ``"slower than best"``).
+    """
+    import keras
+
+    import bnutils
+
+    model = build(variant, seed)
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    train = bnutils.make_tf_dataset(ds.x_train, ds.y_train, batch_size=batch_size, seed=seed)
+    accs, seconds, total = [], [], 0.0
+    stopped = "max_epochs"
+    for epoch in range(max_epochs):
+        t0 = time.perf_counter()
+        hist = model.fit(train, initial_epoch=epoch, epochs=epoch + 1, verbose=0)
+        total += time.perf_counter() - t0
+        if not np.isfinite(hist.history["loss"][-1]):
+            stopped = "diverged"
+            break
+        accs.append(_test_accuracy(model, ds.x_test, ds.y_test))
+        seconds.append(round(total, 2))
+        _log(f"  {variant:5s} lr {lr:g} epoch {epoch + 1}: test acc {accs[-1]:.4f}, "
+             f"{total:.1f} s")
+        if accs[-1] >= target:
+            stopped = "reached"
+            break
+        if total >= give_up_after:
+            stopped = "slower than best"
+            break
+    reached = stopped == "reached"
+    return {"variant": variant, "lr": lr, "test_accuracy": [round(a, 4) for a in accs],
+            "train_seconds": seconds, "reached": reached,
+            "epoch": len(accs) if reached else None, "seconds": seconds[-1] if reached else None,
+            "stopped": stopped, "seconds_per_epoch": round(total / max(len(accs), 1), 2)}
+
+
+def summarize(runs: list[dict], variants) -> list[dict]:
+    """One row per variant at its best learning rate: the fastest run that reached the target
+    or, when none did, the run with the best final accuracy; with its seconds vs no BN."""
+    best = {}
+    for variant in variants:
+        mine = [r for r in runs if r["variant"] == variant and r["test_accuracy"]]
+        reached = [r for r in mine if r["reached"]]
+        if reached:
+            best[variant] = min(reached, key=lambda r: r["seconds"])
+        elif mine:
+            best[variant] = max(mine, key=lambda r: r["test_accuracy"][-1])
+    base = best.get("none")
+    rows = []
+    for variant in variants:
+        b = best.get(variant)
+        if b is None:
+            rows.append({"variant": variant, "best lr": None, "reached": False})
+            continue
+        ratio = (b["seconds"] / base["seconds"]
+                 if b["reached"] and base is not None and base["reached"] else None)
+        rows.append({
+            "variant": variant,
+            "best lr": b["lr"],
+            "reached": b["reached"],
+            "epochs": b["epoch"],
+            "seconds": b["seconds"],
+            "seconds/epoch": b["seconds_per_epoch"],
+            "final test accuracy": b["test_accuracy"][-1],
+            "seconds vs no BN": None if ratio is None else round(ratio, 3),
+        })
+    return rows
+
+
+def _machine() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "load_average_1_5_15_min_at_end": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+def run(quick: bool = False, variants=("none", "fused"), lrs=None, target=None,
+        max_epochs=None, seed: int = 0) -> dict:
+    """Run the benchmark and return its report (see the module docstring)."""
+    import bnutils
+
+    profile = "quick" if quick else "full"
+    cfg = dict(SETTINGS[profile])
+    for key, value in (("lrs", lrs), ("target", target), ("max_epochs", max_epochs)):
+        if value is not None:
+            cfg[key] = value
+    if not 0 < cfg["target"] < 1:
+        raise ValueError(f"target must be an accuracy in (0, 1), received {cfg['target']!r}.")
+    if "none" not in variants:
+        raise ValueError(f"variants must include 'none' (the baseline), received {variants!r}.")
+    ds = bnutils.load_dataset(validation_size=cfg["val"]).subset(cfg["train"], None, cfg["test"])
+    _log(f"{profile}: {ds.summary()}; target test accuracy {cfg['target']}")
+    runs = []
+    for variant in variants:
+        best_seconds = math.inf
+        for lr in cfg["lrs"]:
+            r = time_to_target(variant, float(lr), ds, cfg["target"], cfg["max_epochs"],
+                               cfg["batch_size"], seed, give_up_after=best_seconds)
+            runs.append(r)
+            if r["reached"]:
+                best_seconds = min(best_seconds, r["seconds"])
+    rows = summarize(runs, variants)
+    notes = [
+        f"Target: {cfg['target']:.0%} test accuracy; Adam learning rates {cfg['lrs']}, "
+        f"batch {cfg['batch_size']}, at most {cfg['max_epochs']} epochs, seed {seed}; each "
+        "variant at its own fastest learning rate. Seconds count training only (one fit call "
+        "per epoch); test accuracy is measured after each epoch, off the clock.",
+        "Goal of issue 4: BN at most 1/3 of the no-BN model's seconds. Measured: "
+        + ("; ".join(f"{r['variant']} {r['seconds vs no BN']}x" for r in rows
+                     if r["variant"] != "none" and r.get("seconds vs no BN") is not None)
+           or "no ratio (a variant did not reach the target)") + ".",
+    ]
+    return {
+        "command": "python benchmarks/bench_time_to_accuracy.py" + (" --quick" if quick else ""),
+        "profile": profile,
+        "machine": _machine(),
+        "settings": {**cfg, "seed": seed, "variants": list(variants)},
+        "rows": rows,
+        "notes": notes,
+        "runs": runs,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="subsets and a low target")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["none", "fused"],
+                        help="models to time (default: none fused); 'none' is required")
+    parser.add_argument("--lrs", nargs="+", type=float, default=None, help="Adam learning rates")
+    parser.add_argument("--target", type=float, default=None, help="test accuracy to reach")
+    parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=None, help="JSON file")
+    args = parser.parse_args(argv)
+    try:
+        report = run(args.quick, tuple(args.variants), args.lrs, args.target, args.max_epochs,
+                     args.seed)
+    except ValueError as err:
+        parser.error(str(err))
+    from bnutils import evaluation
+    from bnutils.config import repo_root
+
+    _log("\n" + str(evaluation.make_table(report["rows"])))
+    for note in report["notes"]:
+        _log(f"- {note}")
+    # A quick run never overwrites the full run's figures.
+    default_dir = repo_root() / "results" / ("quick" if args.quick else "")
+    out = args.output or default_dir / "bench_time_to_accuracy.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
+    _log(f"\nsaved {out}")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

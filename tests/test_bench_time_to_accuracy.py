@@ -1,0 +1,80 @@
+"""The plumbing of benchmarks/bench_time_to_accuracy.py on tiny generated data."""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+
+import keras
+import numpy as np
+import pytest
+
+from bnutils.config import repo_root
+from bnutils.layers import FusedBatchNormalization
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = repo_root() / "benchmarks" / "bench_time_to_accuracy.py"
+    spec = importlib.util.spec_from_file_location("bench_time_to_accuracy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 64)
+    return types.SimpleNamespace(x_train=x[:48], y_train=y[:48], x_test=x[48:], y_test=y[48:])
+
+
+def test_variants_differ_only_in_their_bn_layers(bench):
+    kinds = {}
+    for variant in bench.VARIANTS:
+        model = bench.build(variant, seed=0)
+        kinds[variant] = {type(la) for la in model.layers
+                          if isinstance(la, keras.layers.BatchNormalization)}
+    assert kinds == {"none": set(), "fused": {FusedBatchNormalization},
+                     "keras": {keras.layers.BatchNormalization}}
+    with pytest.raises(ValueError, match="Unknown variant 'ghost'"):
+        bench.build("ghost", seed=0)
+
+
+def test_a_run_stops_when_it_reaches_the_target(bench, tiny):
+    one_class = types.SimpleNamespace(x_train=tiny.x_train, y_train=np.zeros(48, int),
+                                      x_test=tiny.x_test, y_test=np.zeros(16, int))
+    r = bench.time_to_target("none", 1e-2, one_class, target=0.5, max_epochs=3, batch_size=16,
+                             seed=0)
+    assert r["reached"] and r["stopped"] == "reached" and r["epoch"] == 1
+    assert r["seconds"] == r["train_seconds"][0] > 0
+
+
+def test_a_run_slower_than_the_best_so_far_gives_up(bench, tiny):
+    r = bench.time_to_target("fused", 1e-3, tiny, target=0.99, max_epochs=3, batch_size=16,
+                             seed=0, give_up_after=0.0)
+    assert r["stopped"] == "slower than best" and not r["reached"]
+    assert len(r["test_accuracy"]) == 1 and r["seconds"] is None
+
+
+def _run(variant, lr, accs, secs, reached):
+    return {"variant": variant, "lr": lr, "test_accuracy": accs, "train_seconds": secs,
+            "reached": reached, "epoch": len(accs) if reached else None,
+            "seconds": secs[-1] if reached else None, "seconds_per_epoch": secs[-1] / len(secs)}
+
+
+def test_each_variant_is_scored_at_its_fastest_learning_rate(bench):
+    runs = [
+        _run("none", 1e-3, [0.85, 0.91], [40.0, 80.0], True),
+        _run("none", 3e-3, [0.86, 0.90, 0.91], [40.0, 80.0, 120.0], True),
+        _run("fused", 1e-3, [0.89, 0.90], [45.0, 90.0], False),
+        _run("fused", 3e-3, [0.91], [44.0], True),
+        _run("keras", 1e-3, [0.80, 0.88], [60.0, 120.0], False),
+    ]
+    rows = {r["variant"]: r for r in bench.summarize(runs, ("none", "fused", "keras"))}
+    assert rows["none"]["best lr"] == 1e-3 and rows["none"]["seconds"] == 80.0
+    assert rows["fused"]["best lr"] == 3e-3 and rows["fused"]["seconds vs no BN"] == 0.55
+    # nothing reached: the best final accuracy stands in, and no ratio is claimed
+    assert rows["keras"]["reached"] is False and rows["keras"]["seconds vs no BN"] is None
+    assert rows["keras"]["final test accuracy"] == 0.88
