@@ -89,7 +89,9 @@ def run(names: list[str]) -> None:
 
 
 _NOISE = ("absl::InitializeLog()", "oneDNN custom operations", "cpu_feature_guard",
-          "This TensorFlow binary is optimized")
+          "This TensorFlow binary is optimized",
+          # tf.data graphs written by a newer TF than the runtime: harmless, logged by C++
+          "mentions attribute use_unbounded_threadpool")
 
 
 def _drop_log_noise(nb) -> None:
