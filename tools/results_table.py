@@ -94,6 +94,8 @@ _SECTIONS = [
      _render_rows),
     ("bench_time_to_accuracy.json", "Time to 91% test accuracy, CNN with and without BN "
      "(benchmarks/bench_time_to_accuracy.py)", _render_rows),
+    ("bench_best_accuracy.json", "Best BN model within 20 minutes of CPU training "
+     "(benchmarks/bench_best_accuracy.py)", _render_rows),
     ("tuning_summary.json", "Hyperparameters (notebook 06)", _render_rows),
     ("bench_bn_layers.json", "Training-step cost of BN layers (benchmarks/bench_bn_layers.py)",
      _render_rows),
