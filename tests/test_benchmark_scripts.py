@@ -1,4 +1,5 @@
-"""The plumbing of benchmarks/bench_time_to_accuracy.py on tiny generated data."""
+"""The plumbing of benchmarks/bench_time_to_accuracy.py and bench_best_accuracy.py on tiny
+generated data (the real runs are benchmarks, not tests)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,17 @@ from bnutils.config import repo_root
 from bnutils.layers import FusedBatchNormalization
 
 
-@pytest.fixture(scope="module")
-def bench():
-    path = repo_root() / "benchmarks" / "bench_time_to_accuracy.py"
-    spec = importlib.util.spec_from_file_location("bench_time_to_accuracy", path)
+def _load(name):
+    path = repo_root() / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("bench_time_to_accuracy")
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +83,18 @@ def test_each_variant_is_scored_at_its_fastest_learning_rate(bench):
     # nothing reached: the best final accuracy stands in, and no ratio is claimed
     assert rows["keras"]["reached"] is False and rows["keras"]["seconds vs no BN"] is None
     assert rows["keras"]["final test accuracy"] == 0.88
+
+
+def test_time_budget_stops_training_after_the_epoch_that_runs_out(tiny):
+    best = _load("bench_best_accuracy")
+    model = best.builder()
+    assert any(isinstance(la, FusedBatchNormalization) for la in model.layers)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    budget = best.TimeBudget(0.0)
+    hist = model.fit(tiny.x_train, tiny.y_train, epochs=3, batch_size=16, verbose=0,
+                     callbacks=[budget])
+    assert len(hist.history["loss"]) == 1 and budget.stopped_early
+    roomy = best.TimeBudget(3600.0)
+    hist = model.fit(tiny.x_train, tiny.y_train, epochs=2, batch_size=16, verbose=0,
+                     callbacks=[roomy])
+    assert len(hist.history["loss"]) == 2 and not roomy.stopped_early
