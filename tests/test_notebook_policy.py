@@ -40,3 +40,28 @@ def test_numbered_steps_are_in_order():
     names = [p.name for p in _tool().notebooks() if p.name[0].isdigit()]
     steps = [int(n[:2]) for n in names]
     assert steps == sorted(steps) and steps[0] == 1
+
+
+def test_readme_audit_comes_from_the_committed_notebook_run():
+    """The claims audit in results/ (and so in the README) is the table the committed notebook
+    05 printed: same claims, same measurements, same verdicts."""
+    import json
+
+    nb_path = ROOT / "notebooks" / "05_evaluate.ipynb"
+    res_path = ROOT / "results" / "claims_audit.json"
+    if not nb_path.is_file():  # still a draft: then no full-run audit may be published either
+        assert not res_path.is_file(), "results/claims_audit.json exists but notebook 05 is a draft"
+        return
+    saved = json.loads(res_path.read_text())
+    assert saved["profile"] == "full"
+    nb = nbformat.read(nb_path, as_version=4)
+    printed = "".join(
+        o.get("text", "")
+        for c in nb.cells
+        if c.cell_type == "code" and c.source.strip() == "print(evaluation.make_table(audit))"
+        for o in c.outputs
+    )
+    assert printed, "notebook 05 has no printed audit table"
+    for row in saved["rows"]:
+        line = f"| {row['claim']} | {row['experiment']} | {row['measured']} | {row['verdict']} |"
+        assert line in printed, f"not in the notebook's audit table: {line}"
