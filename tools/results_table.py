@@ -104,6 +104,35 @@ _SECTIONS = [
 ]
 
 
+# The README's main figures: (file under figures/, caption). The notebooks write them in the
+# full profile (`make run`); a missing file is listed as not yet produced.
+FIGURES = [
+    ("04_fig1_percentiles.png", "Ioffe & Szegedy's Figure 1(b, c) on Fashion-MNIST: the 15th, 50th "
+     "and 85th percentiles of one sigmoid input over training, without and with BN (notebook 04)"),
+    ("05_test_accuracy.png", "Test accuracy over seeds, MLP and CNN, with and without BN "
+     "(notebook 05)"),
+    ("05_cnn_curves_seeds.png", "CNN learning curves, mean and spread over seeds (notebook 05)"),
+    ("05_lr_range.png", "Sigmoid MLP: accuracy over SGD learning rates, with and without BN "
+     "(notebook 05)"),
+    ("06_learning_rate.png", "ReLU MLP, SGD with momentum: final validation accuracy over "
+     "learning rates, with and without BN (notebook 06)"),
+    ("06_init_scale.png", "ReLU MLP: final validation accuracy over initial weight scales, with "
+     "and without BN (notebook 06)"),
+]
+
+
+def figures() -> str:
+    out = ["### Main figures\n",
+           "Written by the notebooks in the full profile (`make run`); `make results` only links "
+           "them.\n"]
+    for name, caption in FIGURES:
+        if (ROOT / "figures" / name).is_file():
+            out.append(f"**{caption}.**\n\n![{caption}](figures/{name})\n")
+        else:
+            out.append(f"- `figures/{name}` not yet produced: {caption}.\n")
+    return "\n".join(out)
+
+
 def notebook_list() -> str:
     import nbformat
 
@@ -127,7 +156,7 @@ def _replace(text: str, start: str, end: str, body: str) -> str:
 
 
 if __name__ == "__main__":
-    body = section()
+    body = section() + "\n" + figures()
     if "--print" in sys.argv:
         print(body)
         sys.exit(0)
