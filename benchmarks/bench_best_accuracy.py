@@ -6,8 +6,8 @@
 The recipe: ``bnutils.build_cnn`` with filters (32, 64), BN before every activation
 (``bnutils.FusedBatchNormalization``), dropout 0.25, random translations of up to 10% and
 horizontal flips, Adam with a cosine-decayed learning rate from 2e-3, batch 128, on the 55,000
-training images (5,000 held out for validation). The run stops early when the training time
-passes the budget. It prints the test accuracy on the 10,000 test images and whether it meets
+training images (5,000 held out for validation). The run stops before an epoch that would
+run past the budget. It prints the test accuracy on the 10,000 test images and whether it meets
 the issue's goal (at least 94.0% in under 20 minutes of training on the 2-core machine). The
 run is cached by ``bnutils.train`` (``--force`` retrains). Results go to
 ``results/bench_best_accuracy.json`` (``--quick``: ``results/quick/...``).
@@ -38,18 +38,30 @@ RECIPE = {"filters": [32, 64], "dropout": 0.25, "translate": 0.1, "flip": True, 
 
 
 class TimeBudget(keras.callbacks.Callback):
-    """Stops training after the epoch in which ``seconds`` of training time run out."""
+    """Stops training before an epoch that would run past ``seconds`` of training time.
 
-    def __init__(self, seconds: float):
+    After each epoch it predicts the next epoch's duration as the longest so far and stops when
+    the prediction would overrun the budget, so the training time stays within it (up to the
+    variation of epoch times).
+    """
+
+    def __init__(self, seconds: float, clock=time.perf_counter):
         super().__init__()
         self.seconds = seconds
+        self.clock = clock
         self.stopped_early = False
 
     def on_train_begin(self, logs=None):
-        self.start = time.perf_counter()
+        self.start = self.epoch_start = self.clock()
+        self.longest = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = self.clock()
 
     def on_epoch_end(self, epoch, logs=None):
-        if time.perf_counter() - self.start >= self.seconds:
+        now = self.clock()
+        self.longest = max(self.longest, now - self.epoch_start)
+        if now - self.start + self.longest > self.seconds:
             self.model.stop_training = True
             self.stopped_early = True
 
@@ -118,9 +130,10 @@ def run(quick: bool = False, epochs: int | None = None, budget_s: float | None =
         "settings": {**cfg, "recipe": RECIPE, "seed": seed,
                      "from_cache": bool(result.from_cache)},
         "rows": [row],
-        "notes": [f"One seed ({seed}). Adam, cosine decay over {cfg['epochs']} planned epochs, "
-                  f"training stopped after the epoch in which {cfg['budget_s']:.0f} s ran out. "
-                  "Training seconds exclude the evaluation on the test set."],
+        "notes": [f"One seed ({seed}). Adam, cosine decay over {cfg['epochs']} planned epochs; "
+                  f"training stops before an epoch that would pass {cfg['budget_s']:.0f} s. "
+                  "Training seconds include the per-epoch validation and exclude the final "
+                  "evaluation on the test set."],
         "val_accuracy": [round(float(a), 4) for a in result.val_accuracy],
     }
 

@@ -85,7 +85,7 @@ def test_each_variant_is_scored_at_its_fastest_learning_rate(bench):
     assert rows["keras"]["final test accuracy"] == 0.88
 
 
-def test_time_budget_stops_training_after_the_epoch_that_runs_out(tiny):
+def test_time_budget_stops_before_an_epoch_that_would_overrun(tiny):
     best = _load("bench_best_accuracy")
     model = best.builder()
     assert any(isinstance(la, FusedBatchNormalization) for la in model.layers)
@@ -94,7 +94,44 @@ def test_time_budget_stops_training_after_the_epoch_that_runs_out(tiny):
     hist = model.fit(tiny.x_train, tiny.y_train, epochs=3, batch_size=16, verbose=0,
                      callbacks=[budget])
     assert len(hist.history["loss"]) == 1 and budget.stopped_early
+    # epochs of 10 s on a fake clock, budget 25 s: stop after the 2nd epoch, not in a 3rd
+    ticks = iter([0.0, 0.0, 10.0, 10.0, 20.0, 20.0, 30.0])
+    budget = best.TimeBudget(25.0, clock=lambda: next(ticks))
+    budget.set_model(types.SimpleNamespace(stop_training=False))
+    budget.on_train_begin()
+    for epoch in range(3):
+        budget.on_epoch_begin(epoch)
+        budget.on_epoch_end(epoch)
+        if budget.model.stop_training:
+            break
+    assert epoch == 1 and budget.stopped_early
     roomy = best.TimeBudget(3600.0)
     hist = model.fit(tiny.x_train, tiny.y_train, epochs=2, batch_size=16, verbose=0,
                      callbacks=[roomy])
     assert len(hist.history["loss"]) == 2 and not roomy.stopped_early
+
+
+def test_each_variant_gives_up_against_its_own_best_time(bench, monkeypatch):
+    """run(): a variant's later runs stop at the best time that variant already reached."""
+    seen = []
+
+    def fake(variant, lr, ds, target, max_epochs, batch_size, seed, give_up_after):
+        seen.append((variant, lr, give_up_after))
+        secs = {("none", 1e-3): 80.0, ("fused", 1e-3): 30.0, ("none", 3e-3): 70.0,
+                ("fused", 3e-3): 40.0}[variant, lr]
+        return _run(variant, lr, [target], [secs], True)
+
+    monkeypatch.setattr(bench, "time_to_target", fake)
+    monkeypatch.setattr(bench, "warm_up", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "_machine", lambda: {})
+    import bnutils
+
+    tiny_ds = types.SimpleNamespace(summary=lambda: "tiny")
+    fake_ds = types.SimpleNamespace(subset=lambda *a: tiny_ds)
+    monkeypatch.setattr(bnutils, "load_dataset", lambda **k: fake_ds)
+    report = bench.run(quick=True, variants=("none", "fused"), lrs=[1e-3, 3e-3])
+    assert seen == [("none", 1e-3, float("inf")), ("fused", 1e-3, float("inf")),
+                    ("fused", 3e-3, 30.0), ("none", 3e-3, 80.0)]
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert rows["none"]["seconds"] == 70.0 and rows["fused"]["seconds"] == 30.0
+    assert rows["fused"]["seconds vs no BN"] == round(30 / 70, 3)

@@ -28,7 +28,11 @@ def _load(name: str):
 def _fmt(x, digits=3):
     if x is None:
         return "n/a"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
     if isinstance(x, float):
+        if x != 0 and abs(x) < 10 ** -digits * 10:  # 3e-4 must not print as 0.000
+            return f"{x:.{digits}g}"
         return f"{x:.{digits}f}"
     return str(x)
 
@@ -61,7 +65,7 @@ def _render_rows(d) -> str:
     rows = d.get("rows", [])
     if not rows:
         return "(no rows)\n"
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(k for r in rows for k in r))  # every row's columns, in order
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
@@ -126,7 +130,9 @@ def figures() -> str:
            "Written by the notebooks in the full profile (`make run`); `make results` only links "
            "them.\n"]
     for name, caption in FIGURES:
-        if (ROOT / "figures" / name).is_file():
+        # a figure counts once the notebook that writes it is in the suite (not a draft)
+        published = any((ROOT / "notebooks").glob(f"{name[:2]}_*.ipynb"))
+        if published and (ROOT / "figures" / name).is_file():
             out.append(f"**{caption}.**\n\n![{caption}](figures/{name})\n")
         else:
             out.append(f"- `figures/{name}` not yet produced: {caption}.\n")
