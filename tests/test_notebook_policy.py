@@ -62,6 +62,8 @@ def test_readme_audit_comes_from_the_committed_notebook_run():
         for o in c.outputs
     )
     assert printed, "notebook 05 has no printed audit table"
+    table_rows = [ln for ln in printed.splitlines() if ln.startswith("| ")][1:]  # minus header
+    assert len(saved["rows"]) == len(table_rows) == 5, (len(saved["rows"]), len(table_rows))
     for row in saved["rows"]:
         line = f"| {row['claim']} | {row['experiment']} | {row['measured']} | {row['verdict']} |"
         assert line in printed, f"not in the notebook's audit table: {line}"
