@@ -117,7 +117,7 @@ def run(quick: bool = False, epochs: int | None = None, budget_s: float | None =
         "goal (>= 94.0% in <= 20 min)": "met" if met else "not met",
     }
     return {
-        "command": "python benchmarks/bench_best_accuracy.py" + (" --quick" if quick else ""),
+        "command": " ".join(["python benchmarks/bench_best_accuracy.py", *sys.argv[1:]]),
         "profile": profile,
         "machine": {
             "cpu_count": os.cpu_count(),

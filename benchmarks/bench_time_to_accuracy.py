@@ -212,7 +212,7 @@ def run(quick: bool = False, variants=("none", "fused"), lrs=None, target=None,
            or "no ratio (a variant did not reach the target)") + ".",
     ]
     return {
-        "command": "python benchmarks/bench_time_to_accuracy.py" + (" --quick" if quick else ""),
+        "command": " ".join(["python benchmarks/bench_time_to_accuracy.py", *sys.argv[1:]]),
         "profile": profile,
         "machine": _machine(),
         "settings": {**cfg, "seed": seed, "variants": list(variants)},
