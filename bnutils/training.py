@@ -330,7 +330,11 @@ def _fingerprint(obj, depth: int = 0, seen: frozenset = frozenset()):
 
     if isinstance(obj, keras.Model):
         return _model_fingerprint(obj)
-    if isinstance(obj, (keras.layers.Layer, keras.optimizers.Optimizer, keras.losses.Loss)):
+    # Initializers etc. by their config: an unseeded Keras initializer draws a random
+    # ``self.seed`` per process, which must not change the key (its config keeps seed=None).
+    if isinstance(obj, (keras.layers.Layer, keras.optimizers.Optimizer, keras.losses.Loss,
+                        keras.initializers.Initializer, keras.regularizers.Regularizer,
+                        keras.constraints.Constraint)):
         try:
             cfg = obj.get_config()
         except Exception:

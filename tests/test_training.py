@@ -250,3 +250,21 @@ def test_mirrored_strategy_counts_steps(data):
     r = train(build_mlp, data, epochs=1, batch_size=128, strategy=strategy)
     assert r.steps == r.steps_per_epoch > 0
     assert r.model.distribute_strategy is strategy
+
+
+def test_unseeded_initializer_in_a_builder_gives_the_same_key_every_time():
+    """Keras draws a random seed for RandomNormal(seed=None) at construction; two such
+    initializers (as in two processes) must fingerprint alike, and a seeded one differently."""
+    from bnutils.training import _fingerprint
+
+    def closure(init):
+        return lambda: keras.layers.Dense(2, kernel_initializer=init)
+
+    a = keras.initializers.RandomNormal(stddev=0.1)
+    b = keras.initializers.RandomNormal(stddev=0.1)
+    assert a.seed != b.seed  # the per-object draw that used to leak into the key
+    assert _fingerprint(closure(a)) == _fingerprint(closure(b))
+    assert _fingerprint(closure(a)) != _fingerprint(closure(keras.initializers.RandomNormal(
+        stddev=0.1, seed=3)))
+    assert _fingerprint(closure(a)) != _fingerprint(closure(keras.initializers.RandomNormal(
+        stddev=0.2)))
