@@ -61,11 +61,6 @@ def build(variant: str, seed: int):
     return bnutils.build_cnn(norm="batch", bn_layer=layer, name=f"cnn_bn_{variant}")
 
 
-def _test_accuracy(model, x, y) -> float:
-    probs = model.predict(x, batch_size=1000, verbose=0)
-    return float(np.mean(np.argmax(probs, axis=-1) == y))
-
-
 def time_to_target(variant: str, lr: float, ds, target: float, max_epochs: int,
                    batch_size: int, seed: int, give_up_after: float = math.inf) -> dict:
     """Train one run epoch by epoch until it reaches ``target`` test accuracy.
@@ -77,6 +72,7 @@ def time_to_target(variant: str, lr: float, ds, target: float, max_epochs: int,
     import keras
 
     import bnutils
+    from bnutils import evaluation
 
     model = build(variant, seed)
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
@@ -91,7 +87,7 @@ def time_to_target(variant: str, lr: float, ds, target: float, max_epochs: int,
         if not np.isfinite(hist.history["loss"][-1]):
             stopped = "diverged"
             break
-        accs.append(_test_accuracy(model, ds.x_test, ds.y_test))
+        accs.append(float(evaluation.evaluate(model, ds)["accuracy"]))
         seconds.append(round(total, 2))
         _log(f"  {variant:5s} lr {lr:g} epoch {epoch + 1}: test acc {accs[-1]:.4f}, "
              f"{total:.1f} s")
@@ -147,13 +143,15 @@ def warm_up(variants, ds, batch_size: int, seed: int) -> None:
     run."""
     import keras
 
+    from bnutils import evaluation
+
     n = min(len(ds.x_train), 4 * batch_size)
     for variant in variants:
         model = build(variant, seed)
         model.compile(optimizer=keras.optimizers.Adam(1e-3),
                       loss="sparse_categorical_crossentropy")
         model.fit(ds.x_train[:n], ds.y_train[:n], batch_size=batch_size, epochs=1, verbose=0)
-        model.predict(ds.x_test[:1000], batch_size=1000, verbose=0)
+        evaluation.evaluate(model, (ds.x_test[:1000], ds.y_test[:1000]))
 
 
 def _machine() -> dict:
@@ -256,4 +254,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()
