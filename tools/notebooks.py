@@ -52,9 +52,16 @@ def nav() -> None:
             parts.append(f"Next: [{titles[i + 1]}]({paths[i + 1].name}) →")
         line = f"{NAV_MARK}\n" + " | ".join(parts)
         nb = nbformat.read(p, as_version=4)
+        old = [c for c in nb.cells if c.source.startswith(NAV_MARK)]
+        if (len(old) == 2 and nb.cells[0] is old[0] and nb.cells[-1] is old[1]
+                and all(c.source == line for c in old)):
+            continue  # up to date: leave the file (and its cell ids) alone
         nb.cells = [c for c in nb.cells if not c.source.startswith(NAV_MARK)]
-        nb.cells.insert(0, nbformat.v4.new_markdown_cell(line))
-        nb.cells.append(nbformat.v4.new_markdown_cell(line))
+        head, tail = nbformat.v4.new_markdown_cell(line), nbformat.v4.new_markdown_cell(line)
+        if old:  # keep the ids, so that a nav update is a one-line diff
+            head.id, tail.id = old[0].id, old[-1].id
+        nb.cells.insert(0, head)
+        nb.cells.append(tail)
         nbformat.write(nb, p)
 
 
