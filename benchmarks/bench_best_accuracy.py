@@ -117,7 +117,7 @@ def run(quick: bool = False, epochs: int | None = None, budget_s: float | None =
         "goal (>= 94.0% in <= 20 min)": "met" if met else "not met",
     }
     return {
-        "command": " ".join(["python benchmarks/bench_best_accuracy.py", *sys.argv[1:]]),
+        "command": "python benchmarks/bench_best_accuracy.py" + (" --quick" if quick else ""),
         "profile": profile,
         "machine": {
             "cpu_count": os.cpu_count(),
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.budget is not None and args.budget <= 0:
         parser.error(f"--budget must be a positive number of seconds, received {args.budget}.")
     report = run(args.quick, args.epochs, args.budget, args.seed, args.force)
+    report["command"] = " ".join(["python benchmarks/bench_best_accuracy.py",
+                                  *(sys.argv[1:] if argv is None else argv)])
 
     from bnutils import evaluation
     from bnutils.config import repo_root

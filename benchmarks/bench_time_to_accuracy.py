@@ -210,7 +210,7 @@ def run(quick: bool = False, variants=("none", "fused"), lrs=None, target=None,
            or "no ratio (a variant did not reach the target)") + ".",
     ]
     return {
-        "command": " ".join(["python benchmarks/bench_time_to_accuracy.py", *sys.argv[1:]]),
+        "command": "python benchmarks/bench_time_to_accuracy.py" + (" --quick" if quick else ""),
         "profile": profile,
         "machine": _machine(),
         "settings": {**cfg, "seed": seed, "variants": list(variants)},
@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
                      args.seed)
     except ValueError as err:
         parser.error(str(err))
+    report["command"] = " ".join(["python benchmarks/bench_time_to_accuracy.py",
+                                  *(sys.argv[1:] if argv is None else argv)])
     from bnutils import evaluation
     from bnutils.config import repo_root
 

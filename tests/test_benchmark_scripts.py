@@ -4,6 +4,7 @@ generated data (the real runs are benchmarks, not tests)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import types
 
 import keras
@@ -135,3 +136,23 @@ def test_each_variant_gives_up_against_its_own_best_time(bench, monkeypatch):
     rows = {r["variant"]: r for r in report["rows"]}
     assert rows["none"]["seconds"] == 70.0 and rows["fused"]["seconds"] == 30.0
     assert rows["fused"]["seconds vs no BN"] == round(30 / 70, 3)
+
+
+def test_the_result_file_records_the_command_line_it_was_run_with(bench, monkeypatch, tmp_path):
+    """main() writes the arguments it was given, not the test runner's sys.argv."""
+    def fake(variant, lr, ds, target, max_epochs, batch_size, seed, give_up_after):
+        return _run(variant, lr, [target], [10.0], True)
+
+    monkeypatch.setattr(bench, "time_to_target", fake)
+    monkeypatch.setattr(bench, "warm_up", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "_machine", lambda: {})
+    import bnutils
+
+    tiny_ds = types.SimpleNamespace(summary=lambda: "tiny")
+    monkeypatch.setattr(bnutils, "load_dataset",
+                        lambda **k: types.SimpleNamespace(subset=lambda *a: tiny_ds))
+    out = tmp_path / "tta.json"
+    bench.main(["--quick", "--lrs", "0.001", "--output", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["command"] == ("python benchmarks/bench_time_to_accuracy.py --quick --lrs 0.001 "
+                                f"--output {out}")
