@@ -29,8 +29,11 @@ $(STAMP): requirements.txt pyproject.toml
 data: $(STAMP)
 	bash tools/ensure_data.sh $(BIN)/python
 
+LINTED := bnutils tests tools benchmarks scripts notebooks
+
 lint: setup
-	$(BIN)/ruff check bnutils tests tools benchmarks scripts notebooks
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 unit: setup
 	BNUTILS_PROFILE=quick $(BIN)/python -m pytest -q tests
@@ -42,5 +45,7 @@ nbval: setup
 results: setup
 	$(BIN)/python tools/results_table.py
 
+## make format: format and fix everything the lint target checks
 format: setup
-	$(BIN)/ruff format bnutils tests tools benchmarks
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)

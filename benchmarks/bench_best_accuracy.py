@@ -9,32 +9,32 @@ horizontal flips, Adam with a cosine-decayed learning rate from 2e-3, batch 128,
 training images (5,000 held out for validation). The run stops before an epoch that would
 run past the budget. It prints the test accuracy on the 10,000 test images and whether it meets
 the issue's goal (at least 94.0% in under 20 minutes of training on the 2-core machine). The
-run is cached by ``bnutils.train`` (``--force`` retrains). Results go to
-``results/bench_best_accuracy.json`` (``--quick``: ``results/quick/...``).
+run is cached by ``bnutils.train`` (``--force`` retrains). Sizes follow the suite's profile
+(``BNUTILS_PROFILE``; ``--quick`` is the quick one). Results go to
+``results/bench_best_accuracy.json`` (quick: ``results/quick/...``).
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
 import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402
+import _harness
+import keras
 
 GOAL_ACCURACY = 0.94
 SETTINGS = {
     "full": {"train": None, "val": 5_000, "test": None, "epochs": 20, "budget_s": 1200},
     "quick": {"train": 2_000, "val": 1_000, "test": 2_000, "epochs": 2, "budget_s": 300},
 }
-RECIPE = {"filters": [32, 64], "dropout": 0.25, "translate": 0.1, "flip": True, "lr": 2e-3,
-          "batch_size": 128}
+RECIPE = {
+    "filters": [32, 64],
+    "dropout": 0.25,
+    "translate": 0.1,
+    "flip": True,
+    "lr": 2e-3,
+    "batch_size": 128,
+}
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -69,26 +69,37 @@ class TimeBudget(keras.callbacks.Callback):
 def builder():
     import bnutils
 
-    return bnutils.build_cnn(filters=RECIPE["filters"], dropout=RECIPE["dropout"], norm="batch",
-                             bn_layer=bnutils.FusedBatchNormalization, name="best_bn_cnn")
+    return bnutils.build_cnn(
+        filters=RECIPE["filters"],
+        dropout=RECIPE["dropout"],
+        norm="batch",
+        bn_layer=bnutils.FusedBatchNormalization,
+        name="best_bn_cnn",
+    )
 
 
 def augmenter():
-    layers = [keras.layers.RandomTranslation(RECIPE["translate"], RECIPE["translate"],
-                                             fill_mode="constant")]
+    layers = [
+        keras.layers.RandomTranslation(
+            RECIPE["translate"], RECIPE["translate"], fill_mode="constant"
+        )
+    ]
     if RECIPE["flip"]:
         layers.append(keras.layers.RandomFlip("horizontal"))
     return keras.Sequential(layers, name="augment")
 
 
-def run(quick: bool = False, epochs: int | None = None, budget_s: float | None = None,
-        seed: int = 0, force: bool = False) -> dict:
-    import tensorflow as tf
-
+def run(
+    quick: bool = False,
+    epochs: int | None = None,
+    budget_s: float | None = None,
+    seed: int = 0,
+    force: bool = False,
+) -> dict:
     import bnutils
     from bnutils import evaluation
 
-    profile = "quick" if quick else "full"
+    profile = _harness.profile(quick).name
     cfg = dict(SETTINGS[profile])
     cfg["epochs"] = epochs or cfg["epochs"]
     cfg["budget_s"] = budget_s or cfg["budget_s"]
@@ -100,11 +111,20 @@ def run(quick: bool = False, epochs: int | None = None, budget_s: float | None =
         return keras.optimizers.Adam(schedule)
 
     budget = TimeBudget(cfg["budget_s"])
-    result = bnutils.train(builder, ds, epochs=cfg["epochs"], batch_size=RECIPE["batch_size"],
-                           optimizer=optimizer, seed=seed, augment=augmenter(),
-                           run_name=f"bench-best-{profile}", callbacks=[budget], force=force,
-                           config={"recipe": RECIPE, "budget_s": cfg["budget_s"]},
-                           save_model=True)
+    result = bnutils.train(
+        builder,
+        ds,
+        epochs=cfg["epochs"],
+        batch_size=RECIPE["batch_size"],
+        optimizer=optimizer,
+        seed=seed,
+        augment=augmenter(),
+        run_name=f"bench-best-{profile}",
+        callbacks=[budget],
+        force=force,
+        config={"recipe": RECIPE, "budget_s": cfg["budget_s"]},
+        save_model=True,
+    )
     test = evaluation.evaluate(result.model, ds)
     trained_s = float(result.total_time)
     met = test["accuracy"] >= GOAL_ACCURACY and trained_s <= SETTINGS["full"]["budget_s"]
@@ -117,55 +137,35 @@ def run(quick: bool = False, epochs: int | None = None, budget_s: float | None =
         "goal (>= 94.0% in <= 20 min)": "met" if met else "not met",
     }
     return {
-        "command": "python benchmarks/bench_best_accuracy.py" + (" --quick" if quick else ""),
-        "profile": profile,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "load_average_1_5_15_min_at_end": [round(v, 2) for v in os.getloadavg()],
-        },
-        "settings": {**cfg, "recipe": RECIPE, "seed": seed,
-                     "from_cache": bool(result.from_cache)},
+        "settings": {**cfg, "recipe": RECIPE, "seed": seed, "from_cache": bool(result.from_cache)},
         "rows": [row],
-        "notes": [f"One seed ({seed}). Adam, cosine decay over {cfg['epochs']} planned epochs; "
-                  f"training stops before an epoch that would pass {cfg['budget_s']:.0f} s. "
-                  "Training seconds include the per-epoch validation and exclude the final "
-                  "evaluation on the test set."],
+        "notes": [
+            f"One seed ({seed}). Adam, cosine decay over {cfg['epochs']} planned epochs; "
+            f"training stops before an epoch that would pass {cfg['budget_s']:.0f} s. "
+            "Training seconds include the per-epoch validation and exclude the final "
+            "evaluation on the test set."
+        ],
         "val_accuracy": [round(float(a), 4) for a in result.val_accuracy],
     }
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="subsets and 2 epochs")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _harness.parser(__doc__)
     parser.add_argument("--epochs", type=int, default=None, help="planned epochs")
     parser.add_argument("--budget", type=float, default=None, help="training seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="retrain even if cached")
-    parser.add_argument("--output", type=Path, default=None, help="JSON file")
     args = parser.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be a positive integer, received {args.epochs}.")
     if args.budget is not None and args.budget <= 0:
         parser.error(f"--budget must be a positive number of seconds, received {args.budget}.")
     report = run(args.quick, args.epochs, args.budget, args.seed, args.force)
-    report["command"] = " ".join(["python benchmarks/bench_best_accuracy.py",
-                                  *(sys.argv[1:] if argv is None else argv)])
+    from bnutils.results import make_table
 
-    from bnutils import evaluation
-    from bnutils.config import repo_root
-
-    print(evaluation.make_table(report["rows"]), flush=True)
-    out = args.output or (repo_root() / "results" / ("quick" if args.quick else "")
-                          / "bench_best_accuracy.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"saved {out}", flush=True)
+    _harness.log(str(make_table(report["rows"])))
+    _harness.save("bench_best_accuracy", report, argv, args.quick, args.output)
     return report
 
 

@@ -16,25 +16,20 @@ Training: the time of one epoch of ``model.fit`` (jit_compile off, as Keras pick
 reported per step. The epoch runs in chunks of a few steps (one ``fit`` call each) with the
 variants interleaved chunk by chunk in rotating order, so that a slow spell of the shared
 machine hits all of them; the training ratios vs ``none`` are medians of per-chunk ratios.
-Inference: the latency of one call of ``tf.function(model(x))`` on a batch of 1 and of 256,
-interleaved per repeat; its ratios are medians of per-repeat ratios. Results go to
-``results/bench_bn_layers.json`` (``--quick``: ``results/bench_bn_layers_quick.json``).
+Inference: the latency of one call of ``tf.function(model(x))`` on a batch of 1 and of 256
+(the mean of a few back-to-back calls), interleaved per repeat; its ratios are medians of
+per-repeat ratios. Sizes follow the suite's profile (``BNUTILS_PROFILE``; ``--quick`` is the
+quick one). Results go to ``results/bench_bn_layers.json`` (quick: ``results/quick/...``).
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
+import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np  # noqa: E402
+import _harness
+import numpy as np
 
 VARIANTS = ("none", "keras", "fused", "ghost")
 
@@ -71,32 +66,23 @@ SETTINGS = {
 def build_cnn(
     variant: str, input_shape=(28, 28, 1), num_classes: int = 10, virtual_batch_size: int = 32
 ):
-    """The benchmark CNN: conv 32-32-pool-64-64-pool-128, global pooling, dense head.
-
-    Args:
-        variant: one of ``VARIANTS``.
-        input_shape: image shape.
-        num_classes: output units.
-        virtual_batch_size: ghost BN's virtual batch size.
-
-    Returns:
-        An uncompiled ``keras.Model``.
-    """
-    import keras
+    """The benchmark CNN: conv 32-32-pool-64-64-pool-128, global pooling, dense logits."""
+    from bnutils.models import build_cnn
 
     bn = _bn_factory(variant, virtual_batch_size)
-    inputs = keras.Input(input_shape)
-    x = inputs
-    for i, (filters, pool) in enumerate([(32, 0), (32, 1), (64, 0), (64, 1), (128, 0)], 1):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=bn is None, name=f"conv{i}")(x)
-        if bn is not None:
-            x = bn(name=f"conv{i}_bn")(x)
-        x = keras.layers.ReLU(name=f"conv{i}_relu")(x)
-        if pool:
-            x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    outputs = keras.layers.Dense(num_classes, name="logits")(x)
-    return keras.Model(inputs, outputs, name=f"cnn_{variant}")
+    return build_cnn(
+        input_shape,
+        num_classes,
+        filters=((32, 32), (64, 64), (128,)),
+        dense_units=(),
+        global_pool=True,
+        kernel_initializer="glorot_uniform",
+        output_activation=None,
+        split_activation=True,
+        norm=None if bn is None else "batch",
+        bn_layer=bn,
+        name=f"cnn_{variant}",
+    )
 
 
 def build_resnet50(
@@ -105,35 +91,18 @@ def build_resnet50(
     """``keras.applications.ResNet50(weights=None)`` with its BN layers swapped per variant."""
     import keras
 
-    from bnutils.layers import FusedBatchNormalization, GhostBatchNormalization, convert_batchnorm
+    from bnutils.layers import FusedBatchNormalization, GhostBatchNormalization
+    from bnutils.models import build_resnet50
 
+    _bn_factory(variant, virtual_batch_size)  # checks the name
     keras.utils.set_random_seed(0)
-    base = keras.applications.ResNet50(
-        weights=None, input_shape=input_shape, classes=num_classes, classifier_activation=None
+    return build_resnet50(
+        input_shape,
+        num_classes,
+        norm=None if variant == "none" else "batch",
+        bn_layer={"fused": FusedBatchNormalization, "ghost": GhostBatchNormalization}.get(variant),
+        bn_kwargs={"virtual_batch_size": virtual_batch_size} if variant == "ghost" else None,
     )
-    if variant == "keras":
-        return base
-    if variant == "fused":
-        return convert_batchnorm(base, FusedBatchNormalization)
-    if variant == "ghost":
-        return convert_batchnorm(
-            base, GhostBatchNormalization, virtual_batch_size=virtual_batch_size
-        )
-
-    class _Identity(keras.layers.Layer):
-        # keras.layers.Identity would do, but the recorded BN calls pass `mask`.
-        def call(self, inputs, training=None, mask=None):
-            return inputs
-
-        def compute_output_shape(self, input_shape):
-            return input_shape
-
-    def _identity(layer):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            return _Identity(name=layer.name)
-        return layer.__class__.from_config(layer.get_config())
-
-    return keras.models.clone_model(base, clone_function=_identity)
 
 
 def _bn_factory(variant: str, virtual_batch_size: int):
@@ -169,18 +138,6 @@ def _images(n: int, size: int | None = None):
 
 def _stats(values: list[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "runs": values}
-
-
-def _paired_ratio(times: dict[str, list[float]], variant: str) -> float:
-    return statistics.median(t / b for t, b in zip(times[variant], times["none"], strict=True))
-
-
-def _min_ratio(times: dict[str, list[float]], variant: str) -> float:
-    return min(times[variant]) / min(times["none"])
-
-
-def _log(message: str) -> None:
-    print(message, flush=True)
 
 
 def bench_model(
@@ -241,14 +198,16 @@ def bench_model(
     for variant in variants:
         for t in inputs.values():
             predict[variant](t).numpy()
-    _log(
+    _harness.log(
         f"[{name}] built and warmed up {len(variants)} variants in "
         f"{time.perf_counter() - t_build:.0f} s"
     )
 
-    def rotated(k):
-        k %= len(variants)
-        return variants[k:] + variants[:k]
+    def fit(variant, chunk):
+        return lambda: models[variant].fit(chunk, epochs=1, shuffle=False, verbose=0)
+
+    def infer(variant, b, n):
+        return lambda: [predict[variant](inputs[b]).numpy() for _ in range(n)]
 
     train = {v: [] for v in variants}
     chunk_times = {v: [] for v in variants}
@@ -256,40 +215,37 @@ def bench_model(
     for r in range(repeats):
         epoch = dict.fromkeys(variants, 0.0)
         for c, chunk in enumerate(chunks):
-            for variant in rotated(r * len(chunks) + c):
-                start = time.perf_counter()
-                models[variant].fit(chunk, epochs=1, shuffle=False, verbose=0)
-                elapsed = time.perf_counter() - start
-                epoch[variant] += elapsed
-                chunk_times[variant].append(elapsed)
-        for variant in variants:
-            train[variant].append(epoch[variant] / steps * 1e3)
-        for variant in rotated(r):
-            for b, n in calls.items():
-                per_call = []
-                for _ in range(n):
-                    start = time.perf_counter()
-                    predict[variant](inputs[b]).numpy()
-                    per_call.append((time.perf_counter() - start) * 1e3)
-                latency[b][variant].append(statistics.median(per_call))
-        _log(
+            fns = {v: fit(v, chunk) for v in variants}
+            times = _harness.interleaved(fns, offset=r * len(chunks) + c)["wall"]
+            for v in variants:
+                epoch[v] += times[v][0]
+                chunk_times[v] += times[v]
+        for v in variants:
+            train[v].append(epoch[v] / steps * 1e3)
+        for b, n in calls.items():
+            fns = {v: infer(v, b, n) for v in variants}
+            times = _harness.interleaved(fns, offset=r)["wall"]
+            for v in variants:
+                latency[b][v].append(times[v][0] / n * 1e3)
+        _harness.log(
             f"[{name}] repeat {r + 1}/{repeats}: step ms "
             + ", ".join(f"{v} {train[v][-1]:.1f}" for v in variants)
         )
+
+    def ratios(times, of=_harness.paired_ratio):
+        return {v: of(times, v, "none") for v in variants}
 
     return {
         "steps_per_epoch": steps,
         "batch_size": batch_size,
         "chunk_steps": chunk_steps,
         "train_step_ms": {v: _stats(train[v]) for v in variants},
-        "train_ratio_vs_none": {v: _paired_ratio(chunk_times, v) for v in variants},
-        "train_ratio_of_min": {v: _min_ratio(train, v) for v in variants},
+        "train_ratio_vs_none": ratios(chunk_times),
+        "train_ratio_of_min": ratios(train, _harness.min_ratio),
         "latency_ms": {f"batch_{b}": {v: _stats(latency[b][v]) for v in variants} for b in calls},
-        "latency_ratio_vs_none": {
-            f"batch_{b}": {v: _paired_ratio(latency[b], v) for v in variants} for b in calls
-        },
+        "latency_ratio_vs_none": {f"batch_{b}": ratios(latency[b]) for b in calls},
         "latency_ratio_of_min": {
-            f"batch_{b}": {v: _min_ratio(latency[b], v) for v in variants} for b in calls
+            f"batch_{b}": ratios(latency[b], _harness.min_ratio) for b in calls
         },
     }
 
@@ -312,37 +268,20 @@ def _rows(models: dict) -> list[dict]:
     return rows
 
 
-def _machine() -> dict:
-    import keras
-    import tensorflow as tf
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "load_average_1_5_15_min_at_end": [round(v, 2) for v in os.getloadavg()],
-    }
-
-
 def run(
     quick: bool = False, models: tuple[str, ...] | None = None, repeats: int | None = None
 ) -> dict:
     """Run the benchmark and return its report (see the module docstring).
 
     Args:
-        quick: the short run (sizes of ``SETTINGS["quick"]``).
-        models: ``"cnn"`` and/or ``"resnet50"`` (default: those of the chosen settings).
+        quick: the quick profile (else ``BNUTILS_PROFILE`` decides).
+        models: ``"cnn"`` and/or ``"resnet50"`` (default: those of the profile's settings).
         repeats: override the number of interleaved repeats.
 
     Raises:
         ValueError: an unknown model name.
     """
-    profile = "quick" if quick else "full"
-    settings = SETTINGS[profile]
+    settings = SETTINGS[_harness.profile(quick).name]
     models = tuple(settings) if models is None else tuple(models)
     unknown = sorted(set(models) - set(_BUILDERS))
     if unknown:
@@ -367,9 +306,6 @@ def run(
             chunk_steps=cfg["chunk_steps"],
         )
     return {
-        "command": "python benchmarks/bench_bn_layers.py" + (" --quick" if quick else ""),
-        "profile": profile,
-        "machine": _machine(),
         "settings": used,
         "rows": _rows(report),
         "notes": [
@@ -390,8 +326,10 @@ def _print_report(report: dict) -> None:
     """Print per model: step time (min, median) and latencies (median), each with its ratio
     vs no BN (median of per-repeat ratios; in brackets the ratio of the minima)."""
     for name, res in report["models"].items():
-        _log(f"\n{name}: batch {res['batch_size']}, {res['steps_per_epoch']} steps per epoch")
-        _log(
+        _harness.log(
+            f"\n{name}: batch {res['batch_size']}, {res['steps_per_epoch']} steps per epoch"
+        )
+        _harness.log(
             f"{'bn':<6} {'step ms min':>11} {'median':>8} {'vs none [of min]':>17}"
             + "".join(f" {k + ' ms':>14} {'vs none [of min]':>17}" for k in res["latency_ms"])
         )
@@ -405,42 +343,28 @@ def _print_report(report: dict) -> None:
                     f" {lat[v]['median']:>14.2f} {res['latency_ratio_vs_none'][key][v]:>7.3f}x"
                     f" [{res['latency_ratio_of_min'][key][v]:.3f}x]"
                 )
-            _log(line)
+            _harness.log(line)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short run: small CNN only")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _harness.parser(__doc__)
     parser.add_argument(
         "--models",
         nargs="+",
         choices=sorted(_BUILDERS),
         default=None,
-        help="models to time (default: cnn and resnet50; cnn with --quick)",
+        help="models to time (default: cnn and resnet50; cnn in the quick profile)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help="JSON file (default: results/bench_bn_layers.json, "
-        "or bench_bn_layers_quick.json with --quick)",
-    )
     args = parser.parse_args(argv)
 
     import tensorflow as tf
 
-    from bnutils.config import results_dir
-
     tf.get_logger().setLevel("ERROR")  # one tf.function per variant is traced on purpose
     report = run(quick=args.quick, models=args.models, repeats=args.repeats)
     _print_report(report)
-    # A quick run never overwrites the full run's figures.
-    default_name = "bench_bn_layers_quick.json" if args.quick else "bench_bn_layers.json"
-    output = args.output or results_dir() / default_name
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    _log(f"\nsaved {output}")
+    _harness.save("bench_bn_layers", report, argv, args.quick, args.output)
     return report
 
 

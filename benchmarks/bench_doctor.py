@@ -4,23 +4,25 @@
 
 Prints the time of :func:`bnutils.doctor.diagnose_batchnorm` and its report. The target is
 under 30 s on a laptop CPU at 96x96. A MobileNetV2 with ``weights=None`` was never trained,
-so the doctor rightly reports ``moving-stats-never-updated``.
+so the doctor rightly reports ``moving-stats-never-updated``. The time goes to
+``results/bench_doctor.json`` (quick profile: ``results/quick/...``).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
+import sys
 import time
+
+import _harness
 
 
 def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _harness.parser(__doc__)
     parser.add_argument("--size", type=int, default=96, help="image side (96, 128, ..., 224)")
     parser.add_argument("--n", type=int, default=64, help="examples in x")
     parser.add_argument("--with-labels", action="store_true", help="also pass random labels")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     import keras
     import numpy as np
@@ -38,9 +40,14 @@ def main(argv: list[str] | None = None) -> float:
     start = time.perf_counter()
     report = diagnose_batchnorm(model, x, y)
     seconds = time.perf_counter() - start
-    print(report)
-    print(f"\ndiagnose_batchnorm on MobileNetV2 {args.size}x{args.size}, {args.n} examples, "
-          f"{len(report.layers)} BN layers: {seconds:.1f} s")
+    _harness.log(str(report))
+    _harness.log(
+        f"\ndiagnose_batchnorm on MobileNetV2 {args.size}x{args.size}, {args.n} examples, "
+        f"{len(report.layers)} BN layers: {seconds:.1f} s"
+    )
+    data = {"size": args.size, "n": args.n, "with_labels": args.with_labels}
+    data.update(bn_layers=len(report.layers), seconds=seconds)
+    _harness.save("bench_doctor", data, argv, args.quick, args.output)
     return seconds
 
 

@@ -19,28 +19,22 @@ slow spell of the shared machine hits all of them; ratios are medians of per-rep
 Both wall time and the process's CPU time are recorded: on a loaded machine the CPU time is
 the steadier measure of the work a variant does.
 Goals: ``folded / no_bn <= 1.05`` (folding removes all of BN's cost) and
-``unfolded / folded >= 1.2`` at batch 1 (where per-op overhead dominates).
-Results go to ``results/bench_inference.json`` (``--quick``: ``bench_inference_quick.json``).
+``unfolded / folded >= 1.2`` at batch 1 (where per-op overhead dominates). Sizes follow the
+suite's profile (``BNUTILS_PROFILE``; ``--quick`` is the quick one). Results go to
+``results/bench_inference.json`` (quick: ``results/quick/...``).
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
-import time
-from pathlib import Path
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np  # noqa: E402
+import _harness
+import numpy as np
 
 VARIANTS = ("unfolded", "folded", "no_bn")
 MODES = ("graph", "eager")
-CLOCKS = ("wall", "cpu")  # wall time, and CPU time of this process (less hit by other load)
+CLOCKS = tuple(_harness.CLOCKS)  # wall time, and CPU time of this process (less hit by load)
 SETTINGS = {
     "full": {"repeats": 15, "calls": {1: 100, 256: 4}},
     "quick": {"repeats": 3, "calls": {1: 50, 256: 2}},
@@ -58,43 +52,33 @@ def build_vgg(batchnorm: bool, input_shape=(28, 28, 1), num_classes: int = 10, s
     """
     import keras
 
+    from bnutils.models import build_cnn
+
     keras.utils.set_random_seed(seed)
-    layers = keras.layers
-
-    def block(x, units, conv=True):
-        layer = (
-            layers.Conv2D(units, 3, padding="same", use_bias=not batchnorm)
-            if conv
-            else (layers.Dense(units, use_bias=not batchnorm))
-        )
-        x = layer(x)
-        if batchnorm:
-            x = layers.BatchNormalization()(x)
-        return layers.ReLU()(x)
-
-    inputs = keras.Input(input_shape)
-    x = inputs
-    for i, units in enumerate((32, 64, 128)):
-        x = block(block(x, units), units)
-        if i < 2:
-            x = layers.MaxPooling2D()(x)
-    x = layers.GlobalAveragePooling2D()(x)
-    x = block(x, 128, conv=False)
-    outputs = layers.Dense(num_classes)(x)
-    return keras.Model(inputs, outputs, name="vgg_bn" if batchnorm else "vgg_no_bn")
+    return build_cnn(
+        input_shape,
+        num_classes,
+        filters=((32, 32), (64, 64), (128, 128)),
+        dense_units=(128,),
+        global_pool=True,
+        kernel_initializer="glorot_uniform",
+        output_activation=None,
+        split_activation=True,
+        norm="batch" if batchnorm else None,
+        name="vgg_bn" if batchnorm else "vgg_no_bn",
+    )
 
 
 def _randomize_bn(model, seed: int = 0) -> None:
-    import keras
+    from bnutils import find_batchnorm_layers
 
     rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            c = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(rng.normal(0.0, 0.2, c))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, c))
-            layer.gamma.assign(rng.uniform(0.8, 1.2, c))
-            layer.beta.assign(rng.normal(0.0, 0.1, c))
+    for _, layer in find_batchnorm_layers(model):
+        c = layer.moving_mean.shape[0]
+        layer.moving_mean.assign(rng.normal(0.0, 0.2, c))
+        layer.moving_variance.assign(rng.uniform(0.5, 2.0, c))
+        layer.gamma.assign(rng.uniform(0.8, 1.2, c))
+        layer.beta.assign(rng.normal(0.0, 0.1, c))
 
 
 def _call_fn(model, mode: str):
@@ -106,47 +90,18 @@ def _call_fn(model, mode: str):
     return lambda t: model(t, training=False)
 
 
-def _latency(fn, x, calls: int) -> tuple[float, float]:
-    """Wall and process-CPU seconds per call, over ``calls`` back-to-back calls."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(calls):
-        fn(x).numpy()
-    return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
+def _calls(fn, x, calls: int):
+    """``calls`` back-to-back calls of ``fn(x)`` (one timed unit of an interleaved repeat)."""
+
+    def run_calls():
+        for _ in range(calls):
+            fn(x).numpy()
+
+    return run_calls
 
 
 def _stats(values: list[float]) -> dict:
     return {"min_ms": 1e3 * min(values), "median_ms": 1e3 * statistics.median(values)}
-
-
-def _paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
-    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
-
-
-def _machine() -> dict:
-    import keras
-    import tensorflow as tf
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "processor": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-    }
-
-
-def _log(message: str) -> None:
-    print(message, flush=True)
 
 
 def run(quick: bool = False) -> dict:
@@ -155,12 +110,12 @@ def run(quick: bool = False) -> dict:
 
     from bnutils.folding import fold_batchnorm
 
-    settings = SETTINGS["quick" if quick else "full"]
+    settings = SETTINGS[_harness.profile(quick).name]
     unfolded = build_vgg(batchnorm=True)
     _randomize_bn(unfolded)
     folded, report = fold_batchnorm(unfolded, return_report=True)
     models = {"unfolded": unfolded, "folded": folded, "no_bn": build_vgg(batchnorm=False)}
-    _log(str(report).splitlines()[0])
+    _harness.log(str(report).splitlines()[0])
 
     rng = np.random.default_rng(0)
     x_check = rng.uniform(size=(8, 28, 28, 1)).astype("float32")
@@ -176,35 +131,28 @@ def run(quick: bool = False) -> dict:
         for batch_size, calls in settings["calls"].items():
             calls = max(2, calls // 4) if mode == "eager" else calls
             x = tf.constant(rng.uniform(size=(batch_size, 28, 28, 1)).astype("float32"))
-            fns = {name: _call_fn(model, mode) for name, model in models.items()}
+            call = {name: _call_fn(models[name], mode) for name in VARIANTS}
             for name in VARIANTS:
-                _latency(fns[name], x, max(2, calls // 4))  # trace and warm up
-            times = {clock: {name: [] for name in VARIANTS} for clock in CLOCKS}
-            for r in range(settings["repeats"]):
-                order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
-                for name in order:
-                    for clock, value in zip(CLOCKS, _latency(fns[name], x, calls), strict=True):
-                        times[clock][name].append(value)
+                _calls(call[name], x, max(2, calls // 4))()  # trace and warm up
+            fns = {name: _calls(call[name], x, calls) for name in VARIANTS}
+            times = _harness.interleaved(fns, settings["repeats"])
             row = results[mode][str(batch_size)] = {"calls_per_repeat": calls}
             for clock in CLOCKS:
-                t = times[clock]
+                t = {name: [v / calls for v in times[clock][name]] for name in VARIANTS}
                 row[clock] = {
                     "latency": {name: _stats(t[name]) for name in VARIANTS},
-                    "ratio_folded_over_no_bn": _paired_ratio(t, "folded", "no_bn"),
-                    "ratio_unfolded_over_folded": _paired_ratio(t, "unfolded", "folded"),
-                    "min_ratio_folded_over_no_bn": min(t["folded"]) / min(t["no_bn"]),
-                    "min_ratio_unfolded_over_folded": min(t["unfolded"]) / min(t["folded"]),
+                    "ratio_folded_over_no_bn": _harness.paired_ratio(t, "folded", "no_bn"),
+                    "ratio_unfolded_over_folded": _harness.paired_ratio(t, "unfolded", "folded"),
+                    "min_ratio_folded_over_no_bn": _harness.min_ratio(t, "folded", "no_bn"),
+                    "min_ratio_unfolded_over_folded": _harness.min_ratio(t, "unfolded", "folded"),
                 }
             wall = row["wall"]["latency"]
-            _log(
+            _harness.log(
                 f"{mode:<5} batch {batch_size:>3}: "
                 + ", ".join(f"{n} {wall[n]['median_ms']:.3f} ms" for n in VARIANTS)
             )
     return {
-        "benchmark": "bench_inference",
-        "quick": quick,
-        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "model": {
             "layers": {name: len(m.layers) for name, m in models.items()},
             "params": {name: int(m.count_params()) for name, m in models.items()},
@@ -238,26 +186,11 @@ def _print_report(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and calls")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help="JSON file (default: results/bench_inference.json, or "
-        "bench_inference_quick.json with --quick)",
-    )
-    args = parser.parse_args(argv)
-
-    from bnutils.config import results_dir
-
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _harness.parser(__doc__).parse_args(argv)
     report = run(quick=args.quick)
     _print_report(report)
-    name = "bench_inference_quick.json" if args.quick else "bench_inference.json"
-    output = args.output or results_dir() / name
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"Saved {output}")
+    _harness.save("bench_inference", report, argv, args.quick, args.output)
     return report
 
 

@@ -14,38 +14,42 @@ Each variant is scored at its own best learning rate, and the script prints the 
 BN's seconds to the no-BN model's seconds (the issue's goal: at most one third).
 
 One seed per run (the timing is the point; notebook 05 has the seed statistics). The clock
-counts ``fit`` only: one ``fit`` call per epoch, tracing of the first call included. Results go
-to ``results/bench_time_to_accuracy.json`` (``--quick``: ``results/quick/...``).
+counts ``fit`` only: one ``fit`` call per epoch, tracing of the first call included. Sizes follow
+the suite's profile (``BNUTILS_PROFILE``; ``--quick`` is the quick one). Results go to
+``results/bench_time_to_accuracy.json`` (quick: ``results/quick/...``).
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import math
-import os
-import platform
 import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np  # noqa: E402
+import _harness
+import numpy as np
 
 VARIANTS = ("none", "fused", "keras")
 
 SETTINGS = {
-    "full": {"train": None, "val": 5_000, "test": None, "target": 0.91, "max_epochs": 10,
-             "lrs": [1e-3, 3e-3, 3e-4], "batch_size": 128},
-    "quick": {"train": 3_000, "val": 1_000, "test": 2_000, "target": 0.75, "max_epochs": 3,
-              "lrs": [1e-3, 3e-3], "batch_size": 128},
+    "full": {
+        "train": None,
+        "val": 5_000,
+        "test": None,
+        "target": 0.91,
+        "max_epochs": 10,
+        "lrs": [1e-3, 3e-3, 3e-4],
+        "batch_size": 128,
+    },
+    "quick": {
+        "train": 3_000,
+        "val": 1_000,
+        "test": 2_000,
+        "target": 0.75,
+        "max_epochs": 3,
+        "lrs": [1e-3, 3e-3],
+        "batch_size": 128,
+    },
 }
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def build(variant: str, seed: int):
@@ -61,8 +65,16 @@ def build(variant: str, seed: int):
     return bnutils.build_cnn(norm="batch", bn_layer=layer, name=f"cnn_bn_{variant}")
 
 
-def time_to_target(variant: str, lr: float, ds, target: float, max_epochs: int,
-                   batch_size: int, seed: int, give_up_after: float = math.inf) -> dict:
+def time_to_target(
+    variant: str,
+    lr: float,
+    ds,
+    target: float,
+    max_epochs: int,
+    batch_size: int,
+    seed: int,
+    give_up_after: float = math.inf,
+) -> dict:
     """Train one run epoch by epoch until it reaches ``target`` test accuracy.
 
     Returns a dict with the per-epoch ``test_accuracy`` and cumulative ``train_seconds``, and
@@ -71,26 +83,30 @@ def time_to_target(variant: str, lr: float, ds, target: float, max_epochs: int,
     """
     import keras
 
-    import bnutils
     from bnutils import evaluation
+    from bnutils.data import make_tf_dataset
 
     model = build(variant, seed)
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    train = bnutils.make_tf_dataset(ds.x_train, ds.y_train, batch_size=batch_size, seed=seed)
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    train = make_tf_dataset(ds.x_train, ds.y_train, batch_size=batch_size, seed=seed)
     accs, seconds, total = [], [], 0.0
     stopped = "max_epochs"
     for epoch in range(max_epochs):
         t0 = time.perf_counter()
-        hist = model.fit(train, initial_epoch=epoch, epochs=epoch + 1, verbose=0)
+        hist = model.fit(train, initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0)
         total += time.perf_counter() - t0
         if not np.isfinite(hist.history["loss"][-1]):
             stopped = "diverged"
             break
         accs.append(float(evaluation.evaluate(model, ds)["accuracy"]))
         seconds.append(round(total, 2))
-        _log(f"  {variant:5s} lr {lr:g} epoch {epoch + 1}: test acc {accs[-1]:.4f}, "
-             f"{total:.1f} s")
+        _harness.log(
+            f"  {variant:5s} lr {lr:g} epoch {epoch + 1}: test acc {accs[-1]:.4f}, {total:.1f} s"
+        )
         if accs[-1] >= target:
             stopped = "reached"
             break
@@ -98,10 +114,17 @@ def time_to_target(variant: str, lr: float, ds, target: float, max_epochs: int,
             stopped = "slower than best"
             break
     reached = stopped == "reached"
-    return {"variant": variant, "lr": lr, "test_accuracy": [round(a, 4) for a in accs],
-            "train_seconds": seconds, "reached": reached,
-            "epoch": len(accs) if reached else None, "seconds": seconds[-1] if reached else None,
-            "stopped": stopped, "seconds_per_epoch": round(total / max(len(accs), 1), 2)}
+    return {
+        "variant": variant,
+        "lr": lr,
+        "test_accuracy": [round(a, 4) for a in accs],
+        "train_seconds": seconds,
+        "reached": reached,
+        "epoch": len(accs) if reached else None,
+        "seconds": seconds[-1] if reached else None,
+        "stopped": stopped,
+        "seconds_per_epoch": round(total / max(len(accs), 1), 2),
+    }
 
 
 def summarize(runs: list[dict], variants) -> list[dict]:
@@ -122,18 +145,23 @@ def summarize(runs: list[dict], variants) -> list[dict]:
         if b is None:
             rows.append({"variant": variant, "best lr": None, "reached": False})
             continue
-        ratio = (b["seconds"] / base["seconds"]
-                 if b["reached"] and base is not None and base["reached"] else None)
-        rows.append({
-            "variant": variant,
-            "best lr": b["lr"],
-            "reached": b["reached"],
-            "epochs": b["epoch"],
-            "seconds": b["seconds"],
-            "seconds/epoch": b["seconds_per_epoch"],
-            "final test accuracy": b["test_accuracy"][-1],
-            "seconds vs no BN": None if ratio is None else round(ratio, 3),
-        })
+        ratio = (
+            b["seconds"] / base["seconds"]
+            if b["reached"] and base is not None and base["reached"]
+            else None
+        )
+        rows.append(
+            {
+                "variant": variant,
+                "best lr": b["lr"],
+                "reached": b["reached"],
+                "epochs": b["epoch"],
+                "seconds": b["seconds"],
+                "seconds/epoch": b["seconds_per_epoch"],
+                "final test accuracy": b["test_accuracy"][-1],
+                "seconds vs no BN": None if ratio is None else round(ratio, 3),
+            }
+        )
     return rows
 
 
@@ -148,33 +176,23 @@ def warm_up(variants, ds, batch_size: int, seed: int) -> None:
     n = min(len(ds.x_train), 4 * batch_size)
     for variant in variants:
         model = build(variant, seed)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                      loss="sparse_categorical_crossentropy")
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
         model.fit(ds.x_train[:n], ds.y_train[:n], batch_size=batch_size, epochs=1, verbose=0)
         evaluation.evaluate(model, (ds.x_test[:1000], ds.y_test[:1000]))
 
 
-def _machine() -> dict:
-    import keras
-    import tensorflow as tf
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "load_average_1_5_15_min_at_end": [round(v, 2) for v in os.getloadavg()],
-    }
-
-
-def run(quick: bool = False, variants=("none", "fused"), lrs=None, target=None,
-        max_epochs=None, seed: int = 0) -> dict:
+def run(
+    quick: bool = False,
+    variants=("none", "fused"),
+    lrs=None,
+    target=None,
+    max_epochs=None,
+    seed: int = 0,
+) -> dict:
     """Run the benchmark and return its report (see the module docstring)."""
     import bnutils
 
-    profile = "quick" if quick else "full"
+    profile = _harness.profile(quick).name
     cfg = dict(SETTINGS[profile])
     for key, value in (("lrs", lrs), ("target", target), ("max_epochs", max_epochs)):
         if value is not None:
@@ -184,14 +202,22 @@ def run(quick: bool = False, variants=("none", "fused"), lrs=None, target=None,
     if "none" not in variants:
         raise ValueError(f"variants must include 'none' (the baseline), received {variants!r}.")
     ds = bnutils.load_dataset(validation_size=cfg["val"]).subset(cfg["train"], None, cfg["test"])
-    _log(f"{profile}: {ds.summary()}; target test accuracy {cfg['target']}")
+    _harness.log(f"{profile}: {ds.summary()}; target test accuracy {cfg['target']}")
     warm_up(variants, ds, cfg["batch_size"], seed)
     runs, best_seconds = [], dict.fromkeys(variants, math.inf)
     for i, lr in enumerate(cfg["lrs"]):
-        # variants interleaved, in alternating order, so a slow spell of the machine hits all
-        for variant in variants if i % 2 == 0 else variants[::-1]:
-            r = time_to_target(variant, float(lr), ds, cfg["target"], cfg["max_epochs"],
-                               cfg["batch_size"], seed, give_up_after=best_seconds[variant])
+        # variants interleaved in rotating order, so a slow spell of the machine hits all
+        for variant in _harness.rotated(variants, i):
+            r = time_to_target(
+                variant,
+                float(lr),
+                ds,
+                cfg["target"],
+                cfg["max_epochs"],
+                cfg["batch_size"],
+                seed,
+                give_up_after=best_seconds[variant],
+            )
             runs.append(r)
             if r["reached"]:
                 best_seconds[variant] = min(best_seconds[variant], r["seconds"])
@@ -205,14 +231,17 @@ def run(quick: bool = False, variants=("none", "fused"), lrs=None, target=None,
         "each model can get there, not a tuned test score); an untimed warm-up fit of each "
         "variant runs first.",
         "Goal of issue 4: BN at most 1/3 of the no-BN model's seconds. Measured: "
-        + ("; ".join(f"{r['variant']} {r['seconds vs no BN']}x" for r in rows
-                     if r["variant"] != "none" and r.get("seconds vs no BN") is not None)
-           or "no ratio (a variant did not reach the target)") + ".",
+        + (
+            "; ".join(
+                f"{r['variant']} {r['seconds vs no BN']}x"
+                for r in rows
+                if r["variant"] != "none" and r.get("seconds vs no BN") is not None
+            )
+            or "no ratio (a variant did not reach the target)"
+        )
+        + ".",
     ]
     return {
-        "command": "python benchmarks/bench_time_to_accuracy.py" + (" --quick" if quick else ""),
-        "profile": profile,
-        "machine": _machine(),
         "settings": {**cfg, "seed": seed, "variants": list(variants)},
         "rows": rows,
         "notes": notes,
@@ -221,37 +250,32 @@ def run(quick: bool = False, variants=("none", "fused"), lrs=None, target=None,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="subsets and a low target")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["none", "fused"],
-                        help="models to time (default: none fused); 'none' is required")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _harness.parser(__doc__)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=["none", "fused"],
+        help="models to time (default: none fused); 'none' is required",
+    )
     parser.add_argument("--lrs", nargs="+", type=float, default=None, help="Adam learning rates")
     parser.add_argument("--target", type=float, default=None, help="test accuracy to reach")
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=None, help="JSON file")
     args = parser.parse_args(argv)
     try:
-        report = run(args.quick, tuple(args.variants), args.lrs, args.target, args.max_epochs,
-                     args.seed)
+        report = run(
+            args.quick, tuple(args.variants), args.lrs, args.target, args.max_epochs, args.seed
+        )
     except ValueError as err:
         parser.error(str(err))
-    report["command"] = " ".join(["python benchmarks/bench_time_to_accuracy.py",
-                                  *(sys.argv[1:] if argv is None else argv)])
-    from bnutils import evaluation
-    from bnutils.config import repo_root
+    from bnutils.results import make_table
 
-    _log("\n" + str(evaluation.make_table(report["rows"])))
+    _harness.log("\n" + str(make_table(report["rows"])))
     for note in report["notes"]:
-        _log(f"- {note}")
-    # A quick run never overwrites the full run's figures.
-    default_dir = repo_root() / "results" / ("quick" if args.quick else "")
-    out = args.output or default_dir / "bench_time_to_accuracy.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
-    _log(f"\nsaved {out}")
+        _harness.log(f"- {note}")
+    _harness.save("bench_time_to_accuracy", report, argv, args.quick, args.output)
     return report
 
 

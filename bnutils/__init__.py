@@ -1,95 +1,80 @@
 """bnutils: batch normalization in Keras 3 / TensorFlow, measured.
 
-Importing ``bnutils`` is cheap and has no side effects: every name below is loaded from
-its module on first use (so ``import bnutils`` does not import TensorFlow).
+The notebooks show each idea in plain Keras first; this package holds what Keras does not do
+(inserting and folding BN, precise BN, the BN doctor, statistics over seeds) and the plumbing
+every notebook shares. Importing it imports Keras and its submodules, and nothing runs on import.
 """
 
-from __future__ import annotations
+__version__ = "0.2.0"
 
-import importlib
+from bnutils import (  # submodules are attributes: `bnutils.config` just works
+    cache,
+    callbacks,
+    config,
+    data,
+    distributed,
+    doctor,
+    evaluation,
+    export,
+    folding,
+    inference,
+    insertion,
+    layers,
+    models,
+    plots,
+    precise,
+    repro,
+    results,
+    scratch,
+    stats,
+    sweeps,
+    training,
+    tuner,
+)
+from bnutils._graph import find_batchnorm_layers, walk_layers
+from bnutils.callbacks import (
+    ActivationPercentiles,
+    GradientNormTracker,
+    MovingStatsTracker,
+    Tracker,
+)
+from bnutils.config import PROFILES, Profile, figures_dir, get_profile, results_dir
+from bnutils.data import Dataset, DatasetError, load_dataset, make_tf_dataset
+from bnutils.doctor import DoctorReport, Finding, diagnose_batchnorm
+from bnutils.evaluation import confusion_matrix, evaluate, time_to_accuracy
+from bnutils.export import (
+    check_fresh_process,
+    export_litert,
+    export_onnx,
+    export_savedmodel,
+    load_for_inference,
+)
+from bnutils.folding import FoldReport, fold_batchnorm
+from bnutils.inference import BatchIndependenceReport, check_batch_independence
+from bnutils.insertion import InsertionReport, insert_batchnorm
+from bnutils.layers import (
+    FusedBatchNormalization,
+    GhostBatchNormalization,
+    NoisyBatchNormalization,
+    convert_batchnorm,
+)
+from bnutils.models import build_cnn, build_mlp, build_resnet
+from bnutils.plots import (
+    plot_comparison,
+    plot_confusion_matrix,
+    plot_gradient_norms,
+    plot_learning_curves,
+    plot_moving_stats,
+    plot_percentiles,
+)
+from bnutils.precise import RecalibrationReport, recalibrate_batchnorm
+from bnutils.repro import set_seed
+from bnutils.results import Table, make_table, read_result, write_result
+from bnutils.scratch import ScratchBatchNormalization
+from bnutils.stats import paired_comparison, summarize
+from bnutils.sweeps import SweepResult, load_sweep, run_sweep, usable_range
+from bnutils.training import TrainResult, load_result, train
+from bnutils.tuner import keras_tuner_search
 
-__version__ = "0.1.0"
-
-# public name -> module that defines it
-_EXPORTS = {
-    # config / repro / data
-    "Profile": "config",
-    "PROFILES": "config",
-    "get_profile": "config",
-    "results_dir": "config",
-    "figures_dir": "config",
-    "set_seed": "repro",
-    "Dataset": "data",
-    "DatasetError": "data",
-    "load_dataset": "data",
-    "make_tf_dataset": "pipeline",
-    # models and BN layers
-    "build_mlp": "models",
-    "build_cnn": "models",
-    "build_resnet": "models",
-    "insert_batchnorm": "insertion",
-    "InsertionReport": "insertion",
-    "ScratchBatchNormalization": "scratch",
-    "FusedBatchNormalization": "layers",
-    "GhostBatchNormalization": "layers",
-    "convert_batchnorm": "layers",
-    # training and evaluation
-    "train": "training",
-    "TrainResult": "training",
-    "load_result": "training",
-    "Tracker": "callbacks",
-    "ActivationPercentiles": "callbacks",
-    "MovingStatsTracker": "callbacks",
-    "GradientNormTracker": "callbacks",
-    "NoisyBatchNormalization": "noisy",
-    "evaluate": "evaluation",
-    "summarize": "evaluation",
-    "paired_comparison": "evaluation",
-    "confusion_matrix": "evaluation",
-    "time_to_accuracy": "evaluation",
-    "make_table": "evaluation",
-    "plot_learning_curves": "plots",
-    "plot_percentiles": "plots",
-    "plot_comparison": "plots",
-    "plot_confusion_matrix": "plots",
-    "plot_moving_stats": "plots",
-    "plot_gradient_norms": "plots",
-    # tuning
-    "run_sweep": "tuning",
-    "SweepResult": "tuning",
-    "load_sweep": "tuning",
-    "usable_range": "tuning",
-    "keras_tuner_search": "tuning",
-    # precise BN and the BN doctor
-    "recalibrate_batchnorm": "precise",
-    "RecalibrationReport": "precise",
-    "find_batchnorm_layers": "precise",
-    "diagnose_batchnorm": "doctor",
-    "DoctorReport": "doctor",
-    "Finding": "doctor",
-    # inference
-    "fold_batchnorm": "folding",
-    "export_savedmodel": "export",
-    "load_for_inference": "export",
-    "check_batch_independence": "inference",
-    "BatchIndependenceReport": "inference",
-    "FoldReport": "folding",
-    "check_fresh_process": "export",
-    "export_onnx": "runtimes",
-    "export_litert": "runtimes",
-}
-
-__all__ = sorted(_EXPORTS) + ["__version__"]
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bnutils' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"bnutils.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+# The public names: the submodules and every name imported above from them.
+__all__ = sorted(name for name in globals() if not name.startswith("_")) + ["__version__"]

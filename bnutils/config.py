@@ -30,15 +30,11 @@ class Profile:
 
     Attributes:
         name: ``"quick"`` or ``"full"``.
-        train_size: training examples used (``None``: all of them).
-        val_size: validation examples carved from the training set.
-        test_size: test examples used (``None``: all 10,000).
-        epochs: epochs of a normal training run.
-        short_epochs: epochs of a run that only shows a model learns (a look, not a result).
-        long_epochs: epochs of the suite's best-accuracy run.
-        seeds: seeds per configuration in comparisons.
-        sweep_points: points per axis of a hyperparameter sweep.
-        tuner_trials: KerasTuner trials.
+        train_size, val_size, test_size: examples per split (``None``: all of them).
+        epochs, short_epochs, long_epochs: epochs of a normal run, of a run that only shows a
+            model learns, and of the suite's best-accuracy run.
+        seeds, sweep_points, tuner_trials: seeds per configuration in comparisons, points per
+            axis of a hyperparameter sweep, KerasTuner trials.
         batch_size: default batch size.
     """
 
@@ -64,35 +60,15 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "quick": Profile(
-        name="quick",
-        train_size=2_000,
-        val_size=1_000,
-        test_size=2_000,
-        epochs=2,
-        long_epochs=2,
-        seeds=3,
-        sweep_points=3,
-        tuner_trials=2,
-        short_epochs=2,
-    ),
-    "full": Profile(
-        name="full",
-        train_size=None,
-        val_size=5_000,
-        test_size=None,
-        epochs=10,
-        long_epochs=30,
-        seeds=5,
-        sweep_points=7,
-        tuner_trials=10,
-        short_epochs=3,
-    ),
-}
+    "quick": Profile("quick", train_size=2_000, val_size=1_000, test_size=2_000, epochs=2,
+                     long_epochs=2, seeds=3, sweep_points=3, tuner_trials=2, short_epochs=2),
+    "full": Profile("full", train_size=None, val_size=5_000, test_size=None, epochs=10,
+                    long_epochs=30, seeds=5, sweep_points=7, tuner_trials=10, short_epochs=3),
+}  # fmt: skip
 
 
 def get_profile(name: str | None = None) -> Profile:
-    """Return the active profile.
+    """The active profile. Used in every notebook's Setup cell.
 
     Args:
         name: a profile name; ``None`` reads ``$BNUTILS_PROFILE`` (default ``"full"``).
@@ -114,6 +90,10 @@ def get_profile(name: str | None = None) -> Profile:
     return PROFILES[key]
 
 
+def _is_quick() -> bool:
+    return os.environ.get(PROFILE_ENV, "").strip().lower() == "quick"
+
+
 def repo_root() -> Path:
     """The repository root (the folder holding ``bnutils/``)."""
     return Path(__file__).resolve().parent.parent
@@ -125,11 +105,8 @@ def results_dir(*parts: str, create: bool = True) -> Path:
     In the quick profile the default base is ``results/quick/`` (not committed), so CI-size
     runs never overwrite the full-profile result files behind the README.
     """
-    default = repo_root() / "results"
-    if os.environ.get(PROFILE_ENV, "").strip().lower() == "quick":
-        default = default / "quick"
-    base = Path(os.environ.get("BNUTILS_RESULTS", default))
-    path = base.joinpath(*parts)
+    default = repo_root() / ("results/quick" if _is_quick() else "results")
+    path = Path(os.environ.get("BNUTILS_RESULTS", default)).joinpath(*parts)
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path
@@ -140,8 +117,6 @@ def figures_dir() -> Path:
 
     The committed figures come from full-profile runs; CI-size runs write beside them.
     """
-    path = repo_root() / "figures"
-    if os.environ.get(PROFILE_ENV, "").strip().lower() == "quick":
-        path = path / "quick"
+    path = repo_root() / ("figures/quick" if _is_quick() else "figures")
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -1,38 +1,49 @@
-"""Export a Keras model as a TensorFlow SavedModel for serving, atomically, with metadata.
+"""Run a trained BN model outside Keras: SavedModel, ONNX Runtime and LiteRT (ex-TFLite).
 
-:func:`export_savedmodel` (optionally) folds BN into the preceding layers, writes the
-SavedModel and a ``bnutils_metadata.json`` (input shape and dtype, expected preprocessing,
-class names, versions, folded or not) into a temporary folder beside the target and renames
-it into place only when everything succeeded: a failed export leaves nothing behind.
-:func:`load_for_inference` reloads it without Keras code, and :func:`check_fresh_process`
-proves that a brand-new Python process that imports only TensorFlow gets the same answers.
+:func:`export_savedmodel` (optionally) folds BN into the preceding layers and writes a
+SavedModel with a ``bnutils_metadata.json`` beside it; :func:`load_for_inference` reloads it
+with TensorFlow only and :func:`check_fresh_process` proves that a brand-new Python process
+gets the same answers. :func:`export_onnx` / :func:`export_litert` convert the inference graph,
+:func:`load_onnx` / :func:`load_litert` run it. Every export is atomic (a temporary file or
+folder renamed into place), so a failed one leaves nothing behind. Used in notebook 07.
+
+Tested pins (with tensorflow-cpu 2.21.0, keras 3.15.1, numpy 2.1.3, protobuf 7):
+``tf2onnx==1.17.0``, ``onnx==1.23.2``, ``onnxruntime==1.32.0``, ``ai-edge-litert==2.3.0``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
+import importlib
 import json
 import os
-import platform
-import shutil
+import re
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from bnutils._util import atomic_path, atomic_write_json, env_info
+
 __all__ = [
     "DEFAULT_PREPROCESSING",
     "METADATA_FILE",
+    "RUNTIMES",
     "FreshProcessResult",
     "check_fresh_process",
+    "export_litert",
+    "export_onnx",
     "export_savedmodel",
     "load_for_inference",
+    "load_litert",
+    "load_onnx",
     "read_metadata",
+    "runtime_agreement",
 ]
 
 METADATA_FILE = "bnutils_metadata.json"
@@ -40,6 +51,12 @@ DEFAULT_PREPROCESSING = (
     "float32 images of shape (N, 28, 28, 1), pixels divided by 255 to lie in [0, 1] "
     "(as bnutils.load_dataset returns them); no other normalization"
 )
+RUNTIMES = ("savedmodel", "onnx", "litert")
+ENDPOINT = "serve"
+_INSTALL = {
+    "onnx": "pip install tf2onnx==1.17.0 onnx==1.23.2 onnxruntime==1.32.0",
+    "litert": "pip install ai-edge-litert==2.3.0",
+}
 
 
 def export_savedmodel(
@@ -47,36 +64,29 @@ def export_savedmodel(
     path: str | os.PathLike,
     fold: bool = True,
     overwrite: bool = False,
-    endpoint: str = "serve",
     class_names: Sequence[str] | None = None,
     preprocessing: str = DEFAULT_PREPROCESSING,
-    input_signature=None,
 ) -> Path:
-    """Write ``model`` as a SavedModel with one inference endpoint, atomically.
-
-    The endpoint calls ``model(x, training=False)``, so BN layers always use their moving
-    statistics in the exported graph.
+    """Write ``model`` as a SavedModel whose ``serve`` endpoint calls it with ``training=False``.
 
     Args:
-        model: a Keras model.
+        model: a Keras model built on ``keras.Input``.
         path: the SavedModel folder to create.
-        fold: fold BN layers into the preceding layers first (see
-            :func:`bnutils.folding.fold_batchnorm`); the report goes into the metadata.
+        fold: fold BN layers into the preceding layers first
+            (:func:`bnutils.folding.fold_batchnorm`); the report goes into the metadata.
         overwrite: replace an existing ``path`` (only once the new export is complete).
-        endpoint: name of the serving function (``loaded.<endpoint>(x)``).
         class_names: names of the output classes, stored in the metadata.
         preprocessing: what a caller must do to raw inputs, stored in the metadata.
-        input_signature: a ``tf.TensorSpec`` or list of them; ``None`` uses the model's
-            inputs with a free batch dimension.
 
     Returns:
-        The path of the SavedModel folder.
+        The SavedModel folder.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is false.
-        ValueError: a bad endpoint name, or ``class_names`` that do not match the outputs.
+        ValueError: a model without ``keras.Input``, or ``class_names`` unlike the outputs.
     """
     import keras
+    import tensorflow as tf
 
     target = Path(path)
     if target.exists() and not overwrite:
@@ -85,12 +95,11 @@ def export_savedmodel(
             "to replace it (the old export is removed only after the new one is complete), "
             "or choose a new path."
         )
-    if not endpoint.isidentifier():
-        raise ValueError(
-            f"endpoint must be a Python identifier such as 'serve', received {endpoint!r}."
-        )
-    signature = _input_signature(model, input_signature)
-    report = None
+    inputs = _model_inputs(model)
+    signature = [
+        tf.TensorSpec((None, *t.shape[1:]), dtype=t.dtype, name=re.sub(r"\W", "_", t.name))
+        for t in inputs
+    ]
     if fold:
         from bnutils.folding import fold_batchnorm
 
@@ -98,53 +107,44 @@ def export_savedmodel(
             model, report = fold_batchnorm(model, return_report=True)
         except ValueError as err:
             raise ValueError(f"{err} Or export it unfolded with `fold=False`.") from err
-    outputs = _output_specs(model)
+    outputs = [
+        {"shape": [None, *t.shape[1:]], "dtype": keras.backend.standardize_dtype(t.dtype)}
+        for t in model.outputs or []
+    ]
     if class_names is not None:
         class_names = [str(c) for c in class_names]
-        last = outputs[0]["shape"][-1] if len(outputs) == 1 and outputs[0]["shape"] else None
+        last = outputs[0]["shape"][-1] if len(outputs) == 1 else None
         if last is not None and last != len(class_names):
             raise ValueError(
                 f"Received {len(class_names)} class names but the model outputs {last} "
                 "values per example; expected one name per output."
             )
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
+    def serve(*xs):
+        return model(xs[0] if len(xs) == 1 else list(xs), training=False)
+
+    info = env_info()
+    metadata = {
+        "format": "bnutils-savedmodel/1",
+        "endpoint": ENDPOINT,
+        "model_name": model.name,
+        "inputs": [
+            {"name": s.name, "shape": s.shape.as_list(), "dtype": s.dtype.name} for s in signature
+        ],
+        "outputs": outputs,
+        "preprocessing": preprocessing,
+        "class_names": class_names,
+        "folded": bool(fold),
+        "fold_report": {"folded": report.folded, "kept": report.kept} if fold else None,
+        "versions": info["versions"],
+        "created_utc": info["date"],
+    }
+    with atomic_path(target, directory=True) as tmp:
         archive = keras.export.ExportArchive()
         archive.track(model)
-        archive.add_endpoint(
-            name=endpoint,
-            fn=_serving_fn(model, len(signature)),
-            input_signature=signature,
-        )
+        archive.add_endpoint(name=ENDPOINT, fn=serve, input_signature=signature)
         archive.write_out(str(tmp), verbose=False)
-        metadata = {
-            "format": "bnutils-savedmodel/1",
-            "endpoint": endpoint,
-            "model_name": model.name,
-            "inputs": [
-                {"name": s.name, "shape": list(s.shape.as_list()), "dtype": s.dtype.name}
-                for s in signature
-            ],
-            "outputs": outputs,
-            "preprocessing": preprocessing,
-            "class_names": class_names,
-            "folded": bool(fold),
-            "fold_report": None
-            if report is None
-            else {
-                "folded": [list(p) for p in report.folded],
-                "kept": [list(k) for k in report.kept],
-            },
-            "versions": _versions(),
-            "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        }
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / METADATA_FILE, metadata)
     return target
 
 
@@ -157,13 +157,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
 def load_for_inference(path: str | os.PathLike) -> tuple[Callable[..., np.ndarray], dict]:
     """Reload an export for inference, needing only TensorFlow (no Keras code, no bnutils).
 
-    Args:
-        path: a folder written by :func:`export_savedmodel` (or any SavedModel with a
-            ``serve`` endpoint).
-
     Returns:
-        ``(predict, metadata)``: ``predict(x)`` takes NumPy arrays and returns a NumPy
-        array (a list of arrays for several outputs); ``metadata`` is the stored dict.
+        ``(predict, metadata)``: ``predict(x)`` takes NumPy arrays and returns a NumPy array
+        (a list of arrays for several outputs); ``metadata`` is the stored dict.
 
     Raises:
         FileNotFoundError: ``path`` is not a SavedModel folder.
@@ -178,7 +174,7 @@ def load_for_inference(path: str | os.PathLike) -> tuple[Callable[..., np.ndarra
             "write one with `bnutils.export_savedmodel(model, path)`."
         )
     metadata = read_metadata(path)
-    endpoint = metadata.get("endpoint", "serve")
+    endpoint = metadata.get("endpoint", ENDPOINT)
     loaded = tf.saved_model.load(str(path))
     fn = getattr(loaded, endpoint, None)
     if fn is None:
@@ -202,17 +198,10 @@ def load_for_inference(path: str | os.PathLike) -> tuple[Callable[..., np.ndarra
 
 @dataclasses.dataclass(frozen=True)
 class FreshProcessResult:
-    """The result of :func:`check_fresh_process`.
+    """What :func:`check_fresh_process` found.
 
-    Attributes:
-        max_abs_diff: largest absolute difference between the child's and the expected outputs.
-        passed: ``max_abs_diff <= atol`` and the child did not import ``bnutils``.
-        atol: the tolerance.
-        bnutils_imported: whether ``bnutils`` was in the child's ``sys.modules`` (must not).
-        keras_imported: whether ``keras`` was in the child's ``sys.modules``; TensorFlow 2.21
-            imports Keras 3 itself, so this is informative only.
-        tensorflow_version: the child's TensorFlow version.
-        seconds: wall time of the child process.
+    ``passed`` is ``max_abs_diff <= atol`` and the child did not import ``bnutils``.
+    ``keras_imported`` is informative only (TensorFlow 2.21 imports Keras 3 itself).
     """
 
     max_abs_diff: float
@@ -237,12 +226,11 @@ _CHILD = r"""
 import json, sys
 import numpy as np
 import tensorflow as tf
-path, x_file, out_file, endpoint = sys.argv[1:5]
+path, x_file, out_file = sys.argv[1:4]
 x = np.load(x_file)
 loaded = tf.saved_model.load(path)  # keep a reference: it owns the variables
-outputs = tf.nest.flatten(getattr(loaded, endpoint)(tf.constant(x)))
-y = np.concatenate([np.asarray(o).reshape(len(x), -1) for o in outputs], axis=1)
-np.save(out_file, y)
+outputs = tf.nest.flatten(loaded.serve(tf.constant(x)))
+np.save(out_file, np.concatenate([np.asarray(o).reshape(len(x), -1) for o in outputs], axis=1))
 print(json.dumps({
     "bnutils": any(m == "bnutils" or m.startswith("bnutils.") for m in sys.modules),
     "keras": "keras" in sys.modules,
@@ -252,17 +240,12 @@ print(json.dumps({
 
 
 def check_fresh_process(
-    path: str | os.PathLike,
-    x,
-    expected,
-    atol: float = 1e-5,
-    timeout: float = 300.0,
+    path: str | os.PathLike, x, expected, atol: float = 1e-5, timeout: float = 300.0
 ) -> FreshProcessResult:
     """Reload the export in a new Python process that imports only TensorFlow and NumPy.
 
-    The child (``sys.executable -I -c ...``, working in a temporary folder) loads the
-    SavedModel, calls its endpoint on ``x`` (passed as a ``.npy`` file) and sends the
-    outputs back, which are compared with ``expected`` (the in-memory model's outputs).
+    The child (``sys.executable -I``, in a temporary folder) calls ``serve`` on ``x`` and
+    sends the outputs back; they are compared with ``expected`` (the in-memory model's).
 
     Args:
         path: a folder written by :func:`export_savedmodel`.
@@ -271,14 +254,10 @@ def check_fresh_process(
         atol: the largest absolute difference accepted.
         timeout: seconds before the child is stopped.
 
-    Returns:
-        A :class:`FreshProcessResult`.
-
     Raises:
         RuntimeError: the child process failed (its error output is included).
     """
     path = Path(path).resolve()
-    endpoint = read_metadata(path).get("endpoint", "serve")
     x = np.asarray(x)
     expected = np.asarray(expected, dtype=np.float64).reshape(len(x), -1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
@@ -288,7 +267,7 @@ def check_fresh_process(
         np.save(x_file, x)
         start = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-I", "-c", _CHILD, str(path), str(x_file), str(out_file), endpoint],
+            [sys.executable, "-I", "-c", _CHILD, str(path), str(x_file), str(out_file)],
             cwd=work,
             env=env,
             capture_output=True,
@@ -321,80 +300,131 @@ def check_fresh_process(
     )
 
 
-def _input_signature(model, input_signature) -> list:
+def export_onnx(model, path: str | os.PathLike) -> Path:
+    """Convert ``model`` (in inference mode) to an ONNX file (opset 17, free batch dimension).
+
+    Raises:
+        ImportError: ``tf2onnx`` or ``onnx`` is not installed.
+    """
+    for module in ("tf2onnx", "onnx"):
+        _require(module, "onnx")
+    inputs = _model_inputs(model)
+    zeros = [np.zeros((1, *t.shape[1:]), dtype=t.dtype) for t in inputs]
+    model(zeros[0] if len(zeros) == 1 else zeros, training=False)  # Keras refuses uncalled models
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # Keras's numpy-2 patch of tf2onnx
+        model.export(str(tmp), format="onnx", opset_version=17, verbose=False)
+    return Path(path)
+
+
+def load_onnx(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
+    """An ONNX Runtime (CPU) session for a one-input file, as ``predict(x) -> np.ndarray``.
+
+    Raises:
+        ImportError: ``onnxruntime`` is not installed.
+    """
+    ort = _require("onnxruntime", "onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    spec = session.get_inputs()[0]
+    dtype = np.float32 if spec.type == "tensor(float)" else None
+
+    def predict(x):
+        return session.run(None, {spec.name: np.asarray(x, dtype=dtype)})[0]
+
+    predict.session = session
+    return predict
+
+
+def export_litert(model, path: str | os.PathLike) -> Path:
+    """Convert ``model`` to a LiteRT (``.tflite``) flatbuffer, without quantization.
+
+    Goes through a temporary unfolded SavedModel (the converter folds BN itself) and
+    ``tf.lite.TFLiteConverter.from_saved_model``.
+    """
     import tensorflow as tf
 
-    if input_signature is not None:
-        specs = input_signature if isinstance(input_signature, (list, tuple)) else [input_signature]
-        if not all(isinstance(s, tf.TensorSpec) for s in specs):
-            raise ValueError(
-                "input_signature must be a tf.TensorSpec or a list of them, received "
-                f"{input_signature!r}."
-            )
-        return list(specs)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".litert-", dir=target.parent) as work:
+        saved = export_savedmodel(model, Path(work) / "saved_model", fold=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved), signature_keys=[ENDPOINT])
+        flatbuffer = converter.convert()
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(flatbuffer)
+    return target
+
+
+def load_litert(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
+    """A LiteRT interpreter for a one-input file, as ``predict(x) -> np.ndarray`` (any batch).
+
+    Raises:
+        ImportError: ``ai-edge-litert`` is not installed.
+    """
+    _require("ai_edge_litert", "litert")
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    state = {"shape": None}
+
+    def predict(x):
+        inp = interpreter.get_input_details()[0]
+        x = np.asarray(x, dtype=inp["dtype"])
+        if state["shape"] != x.shape:
+            interpreter.resize_tensor_input(inp["index"], x.shape, strict=False)
+            interpreter.allocate_tensors()
+            state["shape"] = x.shape
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        return np.array(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
+
+    predict.interpreter = interpreter
+    return predict
+
+
+def runtime_agreement(
+    model, x, directory: str | os.PathLike, runtimes: Sequence[str] = RUNTIMES
+) -> dict[str, float]:
+    """Export ``model`` to each runtime and return ``{runtime: max |runtime(x) - model(x)|}``.
+
+    The files go to ``directory`` (``model_savedmodel/``, ``model.onnx``, ``model.tflite``).
+
+    Raises:
+        ValueError: an unknown runtime name.
+    """
+    unknown = sorted(set(runtimes) - set(RUNTIMES))
+    if unknown:
+        raise ValueError(f"Unknown runtime(s) {unknown}; expected names from {RUNTIMES}.")
+    directory = Path(directory)
+    x = np.asarray(x, dtype=np.float32)
+    reference = np.asarray(model(x, training=False))
+    result = {}
+    for name in runtimes:
+        if name == "savedmodel":
+            saved = export_savedmodel(model, directory / "model_savedmodel", overwrite=True)
+            predict, _ = load_for_inference(saved)
+        elif name == "onnx":
+            predict = load_onnx(export_onnx(model, directory / "model.onnx"))
+        else:
+            predict = load_litert(export_litert(model, directory / "model.tflite"))
+        result[name] = float(np.max(np.abs(np.asarray(predict(x)) - reference)))
+    return result
+
+
+def _model_inputs(model) -> list:
     inputs = getattr(model, "inputs", None)
     if not inputs:
         raise ValueError(
-            f"Model `{model.name}` has no known inputs; build it on `keras.Input` or pass "
-            "`input_signature=tf.TensorSpec(shape, dtype)`."
+            f"Model `{model.name}` has no known inputs; expected one built on `keras.Input`."
         )
-    return [
-        tf.TensorSpec((None, *t.shape[1:]), dtype=t.dtype, name=_spec_name(t.name, i))
-        for i, t in enumerate(inputs)
-    ]
+    return list(inputs)
 
 
-def _spec_name(name: str, index: int) -> str:
-    cleaned = "".join(c if c.isalnum() or c == "_" else "_" for c in str(name))
-    return cleaned if cleaned and not cleaned[0].isdigit() else f"input_{index}"
-
-
-def _serving_fn(model, n_inputs: int):
-    if n_inputs == 1:
-        return lambda x: model(x, training=False)
-    return lambda *xs: model(list(xs), training=False)
-
-
-def _output_specs(model) -> list[dict]:
-    import keras
-
-    outputs = getattr(model, "outputs", None)
-    if not outputs:
-        return []
-    return [
-        {"shape": [None, *list(t.shape[1:])], "dtype": keras.backend.standardize_dtype(t.dtype)}
-        for t in outputs
-    ]
-
-
-def _versions() -> dict[str, str]:
-    import keras
-    import tensorflow as tf
-
-    import bnutils
-
-    return {
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "numpy": np.__version__,
-        "bnutils": bnutils.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename the finished ``tmp`` folder to ``target``, replacing an old one last."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-    os.replace(target, old)
+def _require(module: str, runtime: str):
     try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"The {runtime} runtime needs the package providing `{module}`, which is not "
+            f"installed. Install the tested versions with `{_INSTALL[runtime]}`."
+        ) from err

@@ -1,40 +1,26 @@
 """Check that a model's answer for one example does not depend on the batch around it.
 
-At inference a BN layer normalizes with the moving statistics learned in training, so each
-example's prediction is a function of that example alone. Called in training mode
-(``model(x, training=True)``) BN normalizes with the statistics of the current batch
-instead: the same image gets a different answer in a different batch, and a batch of one
-through a Dense layer is normalized to exactly ``beta``: the same output for every
-input. :func:`check_batch_independence` measures exactly that.
+At inference BN normalizes with its moving statistics; with ``training=True`` with the batch's,
+so an answer changes with its batch (Dense -> BN maps a batch of one to ``beta``). Notebooks 07, A2.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import keras
 import numpy as np
+
+from bnutils._graph import find_batchnorm_layers
+from bnutils._util import check_positive_int, preserved_state
 
 __all__ = ["BatchIndependenceReport", "check_batch_independence", "describe_bn_mode"]
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchIndependenceReport:
-    """The result of :func:`check_batch_independence`.
-
-    Attributes:
-        max_abs_change: the largest absolute change of any output of any example between
-            its prediction in the whole batch and in another batch composition.
-        max_rel_change: ``max_abs_change`` divided by ``output_scale``.
-        batch_of_one_change: the largest absolute change when each example is predicted
-            alone (a batch of one), relative to ``output_scale``.
-        n_examples: examples checked.
-        independent: ``max_rel_change <= tolerance``.
-        worst_index: the example (index into ``x``) with the largest change.
-        output_scale: standard deviation of the reference outputs (1.0 if they are constant).
-        tolerance: the relative tolerance used for ``independent``.
-        training: the ``training`` flag the model was called with.
-        n_compositions: batch compositions compared with the reference.
-    """
+    """What :func:`check_batch_independence` measured: the largest change of an output between
+    batch compositions, absolute and relative to ``output_scale`` (the outputs' std)."""
 
     max_abs_change: float
     max_rel_change: float
@@ -51,43 +37,28 @@ class BatchIndependenceReport:
         verdict = "do not depend" if self.independent else "DEPEND"
         return (
             f"Predictions (training={self.training}) {verdict} on the batch: over "
-            f"{self.n_compositions} batch compositions of {self.n_examples} examples the "
-            f"largest change is {self.max_abs_change:.3g} ({self.max_rel_change:.2%} of the "
-            f"output scale {self.output_scale:.3g}; tolerance {self.tolerance:.0e}); "
-            f"a batch of one changes outputs by {self.batch_of_one_change:.2%}; "
-            f"worst example: index {self.worst_index}."
+            f"{self.n_compositions} batch compositions of {self.n_examples} examples the largest "
+            f"change is {self.max_abs_change:.3g} ({self.max_rel_change:.2%} of the output scale "
+            f"{self.output_scale:.3g}; tolerance {self.tolerance:.0e}); a batch of one changes "
+            f"outputs by {self.batch_of_one_change:.2%}; worst example: index {self.worst_index}."
         )
 
 
 def check_batch_independence(
-    model,
-    x,
-    training: bool = False,
-    n_trials: int = 3,
-    seed: int = 0,
-    batch_size: int | None = None,
-    tolerance: float = 1e-4,
-) -> BatchIndependenceReport:
+    model, x, training: bool = False, n_trials: int = 3, seed: int = 0,
+    batch_size: int | None = None, tolerance: float = 1e-4,
+) -> BatchIndependenceReport:  # fmt: skip
     """Predict every example of ``x`` inside different batches and compare the answers.
 
-    The reference is ``model(x, training=training)`` on all of ``x`` as one batch. It is
-    compared with ``n_trials`` random shufflings of ``x`` cut into batches of
-    ``batch_size``, and with every example alone (a batch of one). The model's variables
-    are restored afterwards: in Keras 3 a call with ``training=True`` updates BN moving
-    statistics, and a check must not change the model it checks.
+    ``model(x, training=training)`` on all of ``x`` is compared with ``n_trials`` seeded
+    shufflings cut into batches of ``batch_size`` (``None``: ``max(2, len(x) // 4)``) and with
+    each example alone; ``tolerance`` is the largest change relative to the outputs' spread
+    still counted as independent (float32 round-off: ~1e-6). Variables are restored afterwards.
 
     Args:
         model: a Keras model (or any callable accepting ``training=``).
         x: inputs, first axis the examples (at least 2; a few dozen is plenty).
-        training: the flag passed to every call; ``True`` shows the training-mode pitfall.
-        n_trials: random batch compositions besides the whole batch and batches of one.
-        seed: seed of the shuffles.
-        batch_size: size of the shuffled batches; ``None`` uses ``max(2, len(x) // 4)``.
-        tolerance: the largest relative change (to the output scale) still counted as
-            independent; float32 round-off across batch sizes is ~1e-6.
-
-    Returns:
-        A :class:`BatchIndependenceReport`.
+        training: the flag of every call (``True`` shows the training-mode pitfall).
 
     Raises:
         ValueError: fewer than two examples, or a bad ``n_trials`` / ``batch_size``.
@@ -95,99 +66,45 @@ def check_batch_independence(
     x = np.asarray(x)
     n = len(x)
     if n < 2:
-        raise ValueError(
-            f"Expected at least 2 examples in `x` to compare batch compositions, received {n}."
-        )
-    if isinstance(n_trials, bool) or not isinstance(n_trials, (int, np.integer)) or n_trials < 0:
-        raise ValueError(f"n_trials must be a non-negative integer, received {n_trials!r}.")
-    if batch_size is None:
-        batch_size = max(2, n // 4)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise ValueError(f"batch_size must be a positive integer or None, received {batch_size!r}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer or None, received {batch_size!r}.")
-
-    saved = _snapshot(model)
-    try:
+        raise ValueError(f"Expected at least 2 examples in `x` (first axis), received {n}.")
+    check_positive_int("n_trials", n_trials, minimum=0)
+    size = check_positive_int("batch_size", max(2, n // 4) if batch_size is None else batch_size)
+    rng = np.random.default_rng(seed)
+    with preserved_state(model):
         reference = _predict(model, x, training)
-        rng = np.random.default_rng(seed)
-        changes = []  # per composition: (n,) largest absolute change per example
+        changes = []  # per composition: the largest change of each example
         for _ in range(n_trials):
             order = rng.permutation(n)
-            pred = np.empty_like(reference)
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                pred[idx] = _predict(model, x[idx], training)
+            pred = _predict(model, x[order], training, size)[np.argsort(order)]
             changes.append(np.abs(pred - reference).max(axis=1))
-        single = np.concatenate([_predict(model, x[i : i + 1], training) for i in range(n)])
-        one_change = np.abs(single - reference).max(axis=1)
-        changes.append(one_change)
-    finally:
-        _restore(saved)
-
+        changes.append(np.abs(_predict(model, x, training, 1) - reference).max(axis=1))
     per_example = np.max(changes, axis=0)
-    scale = float(np.std(reference))
-    scale = scale if scale > 0 and np.isfinite(scale) else 1.0
+    scale = float(np.nan_to_num(np.std(reference), posinf=0.0)) or 1.0  # 1.0: constant outputs
     max_abs = float(per_example.max())
     return BatchIndependenceReport(
-        max_abs_change=max_abs,
-        max_rel_change=max_abs / scale,
-        batch_of_one_change=float(one_change.max()) / scale,
-        n_examples=n,
-        independent=bool(max_abs / scale <= tolerance),
-        worst_index=int(per_example.argmax()),
-        output_scale=scale,
-        tolerance=float(tolerance),
-        training=bool(training),
-        n_compositions=n_trials + 1,
-    )
+        max_abs, max_abs / scale, float(changes[-1].max()) / scale, n,
+        bool(max_abs / scale <= tolerance), int(per_example.argmax()), scale, float(tolerance),
+        bool(training), n_trials + 1,
+    )  # fmt: skip
 
 
 def describe_bn_mode(model) -> str:
-    """A table of the model's BN layers: trainable flag and the mode a call will use.
-
-    In Keras 3 a BN layer with ``trainable=False`` runs in inference mode even when the
-    model is called with ``training=True`` (the fine-tuning rule).
-
-    Args:
-        model: a Keras model.
-
-    Returns:
-        One line per BN layer (nested models included), or a line saying there is none.
-    """
-    import keras
-
-    rows = []
-    for layer in _walk_layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            mode = "batch statistics" if layer.trainable else "moving statistics (frozen)"
-            rows.append(
-                f"{layer.name:<32} trainable={str(layer.trainable):<5} "
-                f"under training=True uses {mode}"
-            )
+    """One line per BN layer (nested included): its ``trainable`` flag and the statistics it
+    uses under ``training=True`` (a frozen BN runs in inference mode in Keras 3). Notebook 07."""
+    rows = [
+        f"{path:<32} trainable={str(bn.trainable):<5} under training=True uses "
+        + ("batch statistics" if bn.trainable else "moving statistics (frozen)")
+        for path, bn in find_batchnorm_layers(model)
+    ]
     return "\n".join(rows) if rows else f"`{model.name}` has no BatchNormalization layer."
 
 
-def _walk_layers(model):
-    for layer in getattr(model, "layers", []):
-        yield layer
-        yield from _walk_layers(layer)
-
-
-def _predict(model, x: np.ndarray, training: bool) -> np.ndarray:
-    """Outputs as a 2-D float64 array (examples, all output values flattened)."""
-    import keras
-
-    outputs = keras.tree.flatten(model(x, training=training))
-    arrays = [np.asarray(keras.ops.convert_to_numpy(o), dtype=np.float64) for o in outputs]
-    return np.concatenate([a.reshape(len(x), -1) for a in arrays], axis=1)
-
-
-def _snapshot(model) -> list[tuple[object, np.ndarray]]:
-    variables = list(getattr(model, "variables", []))
-    return [(v, np.array(v.numpy())) for v in variables]
-
-
-def _restore(saved) -> None:
-    for variable, value in saved:
-        variable.assign(value)
+def _predict(model, x, training=False, batch_size: int | None = None) -> np.ndarray:
+    """``model``'s outputs on ``x`` in batches, as one (examples, values) float64 array."""
+    step = batch_size or len(x)
+    parts = []
+    for s in range(0, len(x), step):
+        outs = keras.tree.flatten(model(x[s : s + step], training=training))
+        arrays = [np.asarray(keras.ops.convert_to_numpy(o), np.float64) for o in outs]
+        parts.append(np.concatenate([a.reshape(len(a), -1) for a in arrays], axis=1))
+    return np.concatenate(parts)

@@ -1,85 +1,47 @@
 """``insert_batchnorm``: a copy of a Keras model with batch normalization after chosen layers.
 
-The copy keeps every original weight and, at the moment of insertion, computes what the
-original computes in inference mode (to float32 round-off; in our tests usually bit for bit):
-each new BN layer starts with its moving statistics at their initial values (mean 0,
-variance 1), ``gamma = sqrt(moving_variance + epsilon)`` (rounded so that
-``gamma * rsqrt(moving_variance + epsilon)`` is 1.0 in float32, which cancels BN's
-``1 / sqrt(1 + epsilon)`` factor) and ``beta = moving_mean + old bias``. Training then changes
-all of them. Pass ``preserve_outputs=False`` for BN layers with their usual initial weights
-instead (``gamma = 1``, ``beta = 0``; a removed bias is then dropped).
-
-How the graph is rewritten:
-
-- Sequential models give a Sequential model, Functional models a Functional one (with the same
-  input/output structure: several inputs and outputs, dicts, branches and merges). Every layer is
-  rebuilt from its config (``layer.__class__.from_config(layer.get_config())``) and gets the
-  original's weights; Keras operations (``keras.ops.*`` in a functional graph) are reused.
-- Nested Sequential/Functional sub-models are rewritten recursively (once, even if called
-  several times). A nested subclassed model is copied as it is, and its layers are reported as
-  skipped.
-- Shared layers (one layer called at several places) stay shared: the copy is shared too and
-  gets **one BN layer per call site** (each call sees different statistics), all with the same
-  initial weights. If some call sites qualify and others do not (e.g. one is an output), the
-  layer is skipped, so that the shared weights keep one meaning.
-- ``position="before"`` (Ioffe & Szegedy): ``layer -> BN -> activation``; a fused activation
-  (``Dense(64, activation="relu")``) is split into a linear layer, the BN layer
-  (``<name>_bn``) and an ``Activation`` layer (``<name>_act``). ``position="after"``:
-  ``layer (with its activation) -> BN``. The position refers to the layer's *own* activation:
-  a linear layer followed by a separate ``Activation`` layer gets its BN right after it either way.
-- ``remove_bias=True`` drops the bias of a layer whose output goes linearly into BN (BN subtracts
-  the mean, so a bias there has no effect in training; with ``preserve_outputs`` its value moves
-  into ``beta``). After a nonlinear activation the bias matters and is kept.
-
-Layers skipped (and reported, with the reason): names in ``skip``; layers already followed by a
-BN layer (directly or through an activation layer); output layers, i.e. layers whose output
-reaches a model output through layers without weights that do not mix positions (activations,
-dropout, reshape, flatten) only, unless ``include_output=True``.
-
-This module reads Keras's functional graph (``Functional._nodes_by_depth``, ``Node``), which
-is private Keras API, stable across Keras 3 releases so far.
+The copy keeps every weight and computes, at first, what the original computes in inference
+mode (each new BN starts as the identity, with ``beta`` = the removed bias). The graph is
+rewritten with ``keras.models.clone_model``; nested Sequential/Functional models too, and a
+shared layer gets one BN per call site. Layers named in ``skip``, already followed by BN, at
+the output (unless ``include_output``), inside a subclassed model, or shared with call sites
+that do not qualify are skipped, with the reason in the report. Notebook 03 shows each rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterable
+from types import SimpleNamespace
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
+from bnutils._graph import MODEL_OUTPUT, LayerGraph, is_graph_model, walk_layers
 from bnutils.scratch import ScratchBatchNormalization
 
 __all__ = ["DEFAULT_LAYER_TYPES", "InsertionReport", "insert_batchnorm"]
 
 _L = keras.layers
-DEFAULT_LAYER_TYPES: tuple[type, ...] = (
-    _L.Dense,
-    _L.Conv1D, _L.Conv2D, _L.Conv3D,
-    _L.SeparableConv1D, _L.SeparableConv2D,
-    _L.DepthwiseConv1D, _L.DepthwiseConv2D,
-    _L.Conv1DTranspose, _L.Conv2DTranspose, _L.Conv3DTranspose,
+#: The layer classes that get BN by default: Dense and every convolution type.
+DEFAULT_LAYER_TYPES: tuple[type, ...] = tuple(
+    getattr(_L, name)
+    for name in "Dense Conv1D Conv2D Conv3D SeparableConv1D SeparableConv2D DepthwiseConv1D "
+    "DepthwiseConv2D Conv1DTranspose Conv2DTranspose Conv3DTranspose".split()
 )
 _ACTIVATION_LAYERS = (_L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU, _L.PReLU, _L.Softmax)
-_TRANSPARENT_LAYERS = _ACTIVATION_LAYERS + (
-    _L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D,
-    _L.GaussianDropout, _L.AlphaDropout, _L.GaussianNoise, _L.Identity, _L.Reshape, _L.Flatten,
+_TRANSPARENT_LAYERS = _ACTIVATION_LAYERS + tuple(  # no weights, no mixing of positions
+    getattr(_L, name)
+    for name in "Dropout SpatialDropout1D SpatialDropout2D SpatialDropout3D GaussianDropout "
+    "AlphaDropout GaussianNoise Identity Reshape Flatten".split()
 )
-_POSITIONS = ("before", "after")
-
-
-# ---------------------------------------------------------------- the report
 
 
 @dataclasses.dataclass
 class InsertionReport:
-    """What :func:`insert_batchnorm` did, layer by layer.
-
-    Layers inside nested models are named ``outer/inner``.
+    """What :func:`insert_batchnorm` did, layer by layer (nested layers named ``outer/inner``).
 
     Attributes:
         inserted: layer name -> names of the BN layers inserted after it (one per call site).
@@ -105,18 +67,13 @@ class InsertionReport:
         rows += [(name, "skipped", reason) for name, reason in self.skipped.items()]
         if not rows:
             return "InsertionReport: no layer of the chosen types."
-        w0 = max(len("layer"), *(len(r[0]) for r in rows))
-        lines = [
+        w = max(len("layer"), *(len(r[0]) for r in rows))
+        rows = [("layer", "action", "detail"), ("-" * w, "-" * 8, "-" * 6), *rows]
+        head = (
             f"InsertionReport: {self.bn_count} BN layer(s) inserted {self.position} the "
-            f"activation, {len(self.skipped)} layer(s) skipped.",
-            f"{'layer':<{w0}}  {'action':<8}  detail",
-            f"{'-' * w0}  {'-' * 8}  {'-' * 6}",
-        ]
-        lines += [f"{a:<{w0}}  {b:<8}  {c}" for a, b, c in rows]
-        return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- the public function
+            f"activation, {len(self.skipped)} layer(s) skipped."
+        )
+        return "\n".join([head, *(f"{a:<{w}}  {b:<8}  {c}" for a, b, c in rows)])
 
 
 def insert_batchnorm(
@@ -131,40 +88,45 @@ def insert_batchnorm(
     return_report: bool = False,
     **bn_kwargs: Any,
 ) -> keras.Model | tuple[keras.Model, InsertionReport]:
-    """Return a new model with a batch normalization layer after every chosen layer.
+    """Return a new model with a batch normalization layer after every chosen layer (the
+    original model is left as it is).
 
-    The original model is not modified. See the module docstring for the rules.
+    >>> bn_model, report = insert_batchnorm(model, return_report=True)
 
     Args:
         model: a Sequential or Functional ``keras.Model``.
         layer_types: layer classes that get BN (subclasses included); default
-            :data:`DEFAULT_LAYER_TYPES` (Dense and every convolution type).
+            :data:`DEFAULT_LAYER_TYPES`.
         skip: names of layers that get no BN (at any nesting level).
         position: ``"before"`` (layer -> BN -> activation) or ``"after"`` (layer -> activation
             -> BN), relative to the layer's own activation.
         include_output: also normalize the model's output layers.
         remove_bias: drop the bias of layers whose output goes linearly into BN.
-        preserve_outputs: initialize each BN so that the new model's inference outputs equal
-            the original's (see the module docstring).
-        bn_layer: BN class or factory, called as ``bn_layer(name=..., **bn_kwargs)``; default
-            ``keras.layers.BatchNormalization`` (e.g. ``bnutils.FusedBatchNormalization``).
+        preserve_outputs: start each BN so that the inference outputs equal the original's.
+        bn_layer: BN class or factory ``bn_layer(name=..., **bn_kwargs)``; default
+            ``keras.layers.BatchNormalization``.
         return_report: also return an :class:`InsertionReport`.
-        **bn_kwargs: arguments of every BN layer (``momentum``, ``epsilon``, ``renorm``,
-            ``synchronized``, ...). ``axis`` defaults to 1 after ``channels_first`` layers.
+        **bn_kwargs: arguments of every BN layer (``momentum``, ``epsilon``, ...); ``axis``
+            defaults to 1 after ``channels_first`` layers.
 
     Returns:
-        The new (uncompiled unless ``model`` was compiled) model, or ``(model, report)``
-        with ``return_report=True``.
+        The new model (compiled like ``model`` if it was), or ``(model, report)``.
 
     Raises:
-        TypeError: ``model`` is not a Sequential or Functional model, or an argument has the
-            wrong type.
-        ValueError: an argument has a wrong value (unknown position, names in ``skip`` that
-            match no layer, BN arguments the BN class rejects), or a layer cannot be copied
-            from its config.
+        TypeError: ``model`` is not Sequential or Functional, or an argument's type is wrong.
+        ValueError: an unknown position, names in ``skip`` that match no layer, BN arguments
+            the BN class rejects, or a layer that cannot be copied from its config.
     """
-    _check_model(model)
-    if position not in _POSITIONS:
+    if not is_graph_model(model):
+        what = type(model).__name__
+        what = f"a subclassed model `{what}`" if isinstance(model, keras.Model) else what
+        raise TypeError(
+            f"Expected a Sequential or Functional model, received {what}. A subclassed model "
+            "wires its layers inside `call()`, which insert_batchnorm cannot rewrite: add "
+            "BatchNormalization there yourself, or rebuild it with keras.Sequential or "
+            "keras.Model(inputs, outputs)."
+        )
+    if position not in ("before", "after"):
         raise ValueError(
             f"Unknown position={position!r}. Expected 'before' (layer -> BN -> activation) or "
             "'after' (layer -> activation -> BN)."
@@ -174,9 +136,23 @@ def insert_batchnorm(
             "Expected `bn_layer` to be a layer class or a factory callable(name=..., **kwargs), "
             f"received {bn_layer!r} of type {type(bn_layer).__name__}."
         )
-    rewriter = _Rewriter(
-        layer_types=_check_layer_types(layer_types),
-        skip=_check_skip(skip, model),
+    types = DEFAULT_LAYER_TYPES if layer_types is None else layer_types
+    types = (types,) if isinstance(types, type) else tuple(types)
+    if not types or not all(isinstance(t, type) and issubclass(t, _L.Layer) for t in types):
+        raise TypeError(
+            "Expected `layer_types` to be a non-empty sequence of keras.layers.Layer subclasses "
+            f"(e.g. (keras.layers.Dense, keras.layers.Conv2D)), received {layer_types!r}."
+        )
+    skip = {skip} if isinstance(skip, str) else set(skip)
+    if unknown := skip - {layer.name for _, layer in walk_layers(model)}:
+        raise ValueError(
+            f"`skip` names layers that are not in model {model.name!r}: "
+            f"{sorted(map(str, unknown))}. Check the names with model.summary()."
+        )
+    inserter = _Inserter(
+        model,
+        layer_types=types,
+        skip=skip,
         position=position,
         include_output=bool(include_output),
         remove_bias=bool(remove_bias),
@@ -184,84 +160,8 @@ def insert_batchnorm(
         bn_layer=bn_layer or keras.layers.BatchNormalization,
         bn_kwargs=bn_kwargs,
     )
-    new_model = rewriter.rewrite(model, include_output=bool(include_output), prefix="")
-    new_model.trainable = model.trainable
-    if model.compiled:
-        try:
-            new_model.compile_from_config(model.get_compile_config())
-        except Exception as e:  # noqa: BLE001 - compiling is a convenience only
-            warnings.warn(
-                f"The new model could not be compiled like the original ({e}); compile it "
-                "yourself.",
-                stacklevel=2,
-            )
-    if return_report:
-        return new_model, rewriter.report
-    return new_model
-
-
-# ---------------------------------------------------------------- argument checks
-
-
-def _is_graph_model(model: Any) -> bool:
-    from keras.src.models.functional import Functional
-
-    return isinstance(model, (keras.Sequential, Functional))
-
-
-def _check_model(model: Any) -> None:
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            "Expected a Sequential or Functional keras.Model, received "
-            f"{type(model).__name__}: {model!r}."
-        )
-    if not _is_graph_model(model):
-        raise TypeError(
-            "Expected a Sequential or Functional model, received a subclassed model "
-            f"`{type(model).__name__}` (named {model.name!r}). Its layers are wired inside "
-            "`call()`, which insert_batchnorm cannot rewrite. Add the BatchNormalization "
-            "layers in its `__init__`/`call` yourself, or rebuild it with keras.Sequential "
-            "or the Functional API (keras.Model(inputs, outputs))."
-        )
-
-
-def _check_layer_types(layer_types: Any) -> tuple[type, ...]:
-    if layer_types is None:
-        return DEFAULT_LAYER_TYPES
-    types = (layer_types,) if isinstance(layer_types, type) else tuple(layer_types)
-    bad = [t for t in types if not (isinstance(t, type) and issubclass(t, keras.layers.Layer))]
-    if bad or not types:
-        raise TypeError(
-            "Expected `layer_types` to be a non-empty sequence of keras.layers.Layer "
-            f"subclasses (e.g. (keras.layers.Dense, keras.layers.Conv2D)), received "
-            f"{layer_types!r}."
-        )
-    return types
-
-
-def _all_layer_names(model: keras.Model) -> set[str]:
-    names = set()
-    for layer in model.layers:
-        names.add(layer.name)
-        if isinstance(layer, keras.Model):
-            names |= _all_layer_names(layer)
-    return names
-
-
-def _check_skip(skip: Any, model: keras.Model) -> frozenset[str]:
-    names = {skip} if isinstance(skip, str) else set(skip)
-    if any(not isinstance(n, str) for n in names):
-        raise TypeError(f"Expected `skip` to be layer names (strings), received {skip!r}.")
-    unknown = names - _all_layer_names(model)
-    if unknown:
-        raise ValueError(
-            f"`skip` names layers that are not in model {model.name!r}: {sorted(unknown)}. "
-            "Check the names with model.summary()."
-        )
-    return frozenset(names)
-
-
-# ---------------------------------------------------------------- helpers
+    new_model = inserter.rewrite(model, prefix="")
+    return (new_model, inserter.report) if return_report else new_model
 
 
 def _is_linear(activation: Any) -> bool:
@@ -269,362 +169,211 @@ def _is_linear(activation: Any) -> bool:
 
 
 def _exact_gamma(moving_variance: np.ndarray, epsilon: float) -> np.ndarray:
-    """``gamma`` with ``rsqrt(moving_variance + epsilon) * gamma == 1`` in float32.
-
-    Computed with the backend's own ``rsqrt``; tries the float32 neighbours of
-    ``sqrt(variance + epsilon)`` so the product rounds to exactly 1.0 where one exists. (A
-    vectorized ``rsqrt`` may round a value differently at another memory alignment, so the
-    product seen inside BN can still be one ulp off.)
-    """
+    """``gamma`` with ``rsqrt(moving_variance + epsilon) * gamma == 1`` in float32: the
+    backend's own ``rsqrt``, and the float32 neighbours of ``1 / rsqrt`` where it is not."""
     var = ops.convert_to_tensor(np.asarray(moving_variance, "float32"))
     inv = ops.convert_to_numpy(ops.rsqrt(var + epsilon)).astype("float32")
     best = (np.float32(1.0) / inv).astype("float32")
-    candidates = [best]
-    for direction in (np.inf, 0.0):
-        c = best
-        for _ in range(3):
-            c = np.nextafter(c, np.float32(direction)).astype("float32")
-            candidates.append(c)
     gamma = best.copy()
-    found = (inv * best).astype("float32") == np.float32(1.0)
-    for c in candidates[1:]:
-        ok = ~found & ((inv * c).astype("float32") == np.float32(1.0))
-        gamma[ok] = c[ok]
-        found |= ok
+    for ulps in (1, 2, 3, -1, -2, -3):
+        candidate = (best.view(np.int32) + ulps).view(np.float32)
+        better = (inv * gamma != np.float32(1.0)) & (inv * candidate == np.float32(1.0))
+        gamma[better] = candidate[better]
     return gamma
 
 
-def _bn_like(layer: Any) -> bool:
-    return all(getattr(layer, a, None) is not None
-               for a in ("moving_mean", "moving_variance", "epsilon"))
-
-
 def _copy_weights(old: keras.layers.Layer, new: keras.layers.Layer) -> None:
-    """Copy ``old``'s weights into ``new``, matched by variable name (a removed bias is left)."""
-    if not old.weights:
-        return
-    new_by_name = {v.name: v for v in new.weights}
-    if len(new_by_name) == len(new.weights) and set(new_by_name) <= {v.name for v in old.weights}:
-        for v in old.weights:
-            if v.name in new_by_name:
-                new_by_name[v.name].assign(v)
-        return
-    new.set_weights(old.get_weights())
+    """Copy ``old``'s weights into ``new``, matched by name where names are unique (so that a
+    removed bias is left out)."""
+    names = {v.name for v in new.weights}
+    unique = len(names) == len(new.weights)
+    new.set_weights([v.numpy() for v in old.weights if v.name in names or not unique])
 
 
-# ---------------------------------------------------------------- the rewriter
+def _from_config(layer: keras.layers.Layer, changes: dict | None = None):
+    try:
+        return layer.__class__.from_config({**layer.get_config(), **(changes or {})})
+    except Exception as e:  # noqa: BLE001 - re-raised with advice
+        raise ValueError(
+            f"Could not copy layer `{layer.name}` of class `{type(layer).__name__}` from its "
+            f"config ({type(e).__name__}: {e}). insert_batchnorm rebuilds every layer with "
+            "`layer.__class__.from_config(layer.get_config())`: give the class a complete "
+            "`get_config()` (and `from_config()` if needed)."
+        ) from e
 
 
-class _Rewriter:
-    """Holds the options, the report and the copies of the layers already rebuilt."""
+def _unique(base: str, used: set) -> str:
+    names = [base, *(f"{base}_{i}" for i in range(1, len(used) + 2))]
+    used.add(name := next(n for n in names if n not in used))
+    return name
 
-    def __init__(self, layer_types, skip, position, include_output, remove_bias,
-                 preserve_outputs, bn_layer, bn_kwargs):
-        self.layer_types = layer_types
-        self.skip = skip
-        self.position = position
-        self.include_output = include_output
-        self.remove_bias = remove_bias
-        self.preserve_outputs = preserve_outputs
-        self.bn_layer = bn_layer
-        self.bn_kwargs = dict(bn_kwargs)
-        self.report = InsertionReport(position=position)
-        self._bn_classes = (keras.layers.BatchNormalization, ScratchBatchNormalization) + (
-            (bn_layer,) if isinstance(bn_layer, type) else ()
+
+class _Inserter:
+    """The options, the report, and the copies made so far (old layer per new layer)."""
+
+    def __init__(self, model: keras.Model, **options: Any):
+        vars(self).update(options)  # the arguments of insert_batchnorm, checked
+        self.report = InsertionReport(position=self.position)
+        self.bn_classes = (_L.BatchNormalization, ScratchBatchNormalization) + (
+            (self.bn_layer,) if isinstance(self.bn_layer, type) else ()
         )
-        probe = self._make_bn("bnutils_probe_bn", None)
-        self.bn_has_beta = bool(getattr(probe, "center", True))
+        self.bn_has_beta = bool(getattr(self._make_bn("bnutils_probe_bn", None), "center", True))
+        self.graph = LayerGraph(model)
+        # The layers of every Sequential model: the order where there is no graph (not built).
+        models = [model, *(m for _, m in walk_layers(model))]
+        seqs = [m for m in models if isinstance(m, keras.Sequential)]
+        self.lists = {id(x): m.layers for m in seqs for x in m.layers}
+        self.old: dict[int, Any] = {}  # id(new layer) -> the layer it copies
+        self.targets: dict[int, SimpleNamespace] = {}  # id(new layer) -> how it gets BN
 
-    # -- decisions
+    # -- where each call of a layer leads
 
-    def _is_bn(self, layer: Any) -> bool:
-        return isinstance(layer, self._bn_classes)
+    def _sites(self, layer) -> list[tuple[Any, int]]:
+        if n := self.graph.call_count(layer):
+            return [(layer, i) for i in range(n)]
+        return [(layer, i) for i, x in enumerate(self.lists.get(id(layer), [])) if x is layer]
 
-    def _is_target(self, layer: Any) -> bool:
-        return isinstance(layer, self.layer_types) and not _is_graph_model(layer)
+    def _next(self, site) -> list[tuple[Any, int]]:
+        layer, i = site
+        if self.graph.call_count(layer):
+            return self.graph.consumers(layer, i)
+        layers = self.lists.get(id(layer), [])
+        return [(layers[i + 1], i + 1)] if i + 1 < len(layers) else [(MODEL_OUTPUT, 0)]
 
-    def _site_reason(self, followed_by_bn: bool, is_output: bool, include_output: bool):
-        if followed_by_bn:
+    def _leads_to(self, site, found: Callable, through: tuple) -> bool:
+        """Whether the output of ``site`` reaches a ``found`` op, directly or via ``through``."""
+        return any(
+            found(op) or (isinstance(op, through) and self._leads_to((op, i), found, through))
+            for op, i in self._next(site)
+        )
+
+    def _reason(self, site) -> str | None:
+        if self._leads_to(site, lambda op: isinstance(op, self.bn_classes), _ACTIVATION_LAYERS):
             return "already followed by batch normalization"
-        if is_output and not include_output:
+        if not self.include_output and self._leads_to(
+            site, lambda op: op is MODEL_OUTPUT, _TRANSPARENT_LAYERS
+        ):
             return "output layer (pass include_output=True to normalize it)"
         return None
 
-    def _decide(self, layer, reasons: list, prefix: str) -> bool:
-        """Whether ``layer`` gets BN, given the reasons against each of its call sites."""
-        path = prefix + layer.name
+    def _gets_bn(self, layer, path: str) -> bool:
+        reasons = [self._reason(site) for site in self._sites(layer)]
         if layer.name in self.skip:
-            self.report.skipped[path] = "listed in `skip`"
-            return False
-        blocked = [r for r in reasons if r is not None]
-        if not blocked:
-            return True
-        if len(blocked) == len(reasons):
-            self.report.skipped[path] = blocked[0]
-        else:
+            reasons = ["listed in `skip`"]
+        if blocked := [r for r in reasons if r is not None]:
             self.report.skipped[path] = (
-                f"shared layer: {len(blocked)} of its {len(reasons)} call sites cannot get BN "
-                f"({blocked[0]})"
+                blocked[0]
+                if len(blocked) == len(reasons)
+                else f"shared layer: {len(blocked)} of its {len(reasons)} call sites cannot get "
+                f"BN ({blocked[0]})"
             )
-        return False
-
-    # -- building blocks
+        return not blocked
 
     def _make_bn(self, name: str, layer: Any) -> keras.layers.Layer:
         kwargs = dict(self.bn_kwargs)
-        if layer is not None:
-            if getattr(layer, "data_format", None) == "channels_first" and "axis" not in kwargs:
-                kwargs["axis"] = 1
-            policy = getattr(layer, "dtype_policy", None)
-            if policy is not None and "dtype" not in kwargs \
-                    and policy.name != keras.config.dtype_policy().name:
-                kwargs["dtype"] = policy
+        if getattr(layer, "data_format", None) == "channels_first":
+            kwargs.setdefault("axis", 1)
+        policy = getattr(layer, "dtype_policy", None)
+        if policy is not None and policy.name != keras.config.dtype_policy().name:
+            kwargs.setdefault("dtype", policy)
         try:
             bn = self.bn_layer(name=name, **kwargs)
         except (TypeError, ValueError) as e:
+            cls = getattr(self.bn_layer, "__name__", "bn_layer")
             raise ValueError(
-                f"Could not create the BN layer with {getattr(self.bn_layer, '__name__', 'bn_layer')}"
-                f"(name=..., **{kwargs}): {e}. Pass only arguments that the BN class accepts."
+                f"Could not create the BN layer with {cls}(name=..., **{kwargs}): {e}. Pass "
+                "only arguments that the BN class accepts."
             ) from e
         if not isinstance(bn, keras.layers.Layer):
             raise TypeError(
-                "Expected `bn_layer` to return a keras.layers.Layer, received "
-                f"{type(bn).__name__}."
+                f"Expected `bn_layer` to return a keras.layers.Layer, received {type(bn).__name__}."
             )
         return bn
 
-    def _clone(self, layer: keras.layers.Layer, config_changes: dict | None = None):
-        config = layer.get_config()
-        config.update(config_changes or {})
-        try:
-            return layer.__class__.from_config(config)
-        except Exception as e:  # noqa: BLE001 - re-raised with advice
-            raise ValueError(
-                f"Could not copy layer `{layer.name}` of class `{type(layer).__name__}` from its "
-                f"config ({type(e).__name__}: {e}). insert_batchnorm rebuilds every layer with "
-                "`layer.__class__.from_config(layer.get_config())`: give the class a complete "
-                "`get_config()` (and `from_config()` if needed)."
-            ) from e
-
     def _init_bn(self, bn, bias: np.ndarray | None) -> None:
-        if not self.preserve_outputs or not _bn_like(bn):
+        if not self.preserve_outputs or getattr(bn, "moving_variance", None) is None:
             return
         mean = ops.convert_to_numpy(bn.moving_mean).astype("float32")
         var = ops.convert_to_numpy(bn.moving_variance).astype("float32")
         if getattr(bn, "gamma", None) is not None:
             bn.gamma.assign(_exact_gamma(var, bn.epsilon))
         if getattr(bn, "beta", None) is not None:
-            beta = mean if bias is None else (mean + bias).astype("float32")
-            bn.beta.assign(beta)
+            bn.beta.assign(mean if bias is None else (mean + bias).astype("float32"))
 
-    # -- one target layer
-
-    class _Target:
-        """The rebuilt copy of one layer that gets BN, and how its call sites are wrapped."""
-
-        def __init__(self, rw: _Rewriter, layer, path: str):
-            self.rw, self.old, self.path = rw, layer, path
+    def _clone(self, layer, prefix: str):
+        """The copy of ``layer`` (the ``clone_function`` of ``clone_model``)."""
+        if not isinstance(layer, _L.Layer):
+            return layer  # a keras.ops operation: stateless, reused
+        path = prefix + layer.name
+        if is_graph_model(layer):
+            return self.rewrite(layer, path + "/")
+        if isinstance(layer, keras.Model):  # subclassed: copied, not rewired
+            for inner_path, inner in walk_layers(layer):
+                if isinstance(inner, self.layer_types):
+                    self.report.skipped[f"{path}/{inner_path}"] = (
+                        f"inside subclassed model `{type(layer).__name__}`, which cannot be rewired"
+                    )
+        changes, target = {}, None
+        if isinstance(layer, self.layer_types) and self._gets_bn(layer, path):
             act = getattr(layer, "activation", None)
-            self.split = rw.position == "before" and not _is_linear(act)
-            linear_into_bn = rw.position == "before" or _is_linear(act)
-            self.drop_bias = bool(rw.remove_bias and linear_into_bn and rw.bn_has_beta
-                                  and getattr(layer, "use_bias", False))
-            changes = {}
-            if self.split:
+            split = self.position == "before" and not _is_linear(act)
+            drop_bias = self.remove_bias and self.bn_has_beta and getattr(layer, "use_bias", False)
+            drop_bias = drop_bias and (self.position == "before" or _is_linear(act))
+            if split:
                 changes["activation"] = "linear"
-            if self.drop_bias:
+                self.report.split_activation.append(path)
+            if drop_bias:
                 changes["use_bias"] = False
-            self.new = rw._clone(layer, changes)
-            self.bias = None
-            if self.drop_bias and rw.preserve_outputs and layer.built:
-                self.bias = ops.convert_to_numpy(layer.bias).astype("float32")
-            self.copied = False
-            if self.split:
-                rw.report.split_activation.append(path)
-            if self.drop_bias:
-                rw.report.removed_bias.append(path)
-
-        def call(self, used: set, *args, **kwargs):
-            out = self.new(*args, **kwargs)
-            self.weights_from_old()
-            bn = self.rw._make_bn(_unique(f"{self.old.name}_bn", used), self.old)
-            out = bn(out)
-            self.rw._init_bn(bn, self.bias)
-            if self.split:
-                act = keras.layers.Activation(self.old.activation,
-                                              name=_unique(f"{self.old.name}_act", used))
-                out = act(out)
-            self.rw.report.inserted.setdefault(self.path, []).append(bn.name)
-            return out
-
-        def weights_from_old(self):
-            if not self.copied and self.new.built:
-                _copy_weights(self.old, self.new)
-                self.copied = True
+                self.report.removed_bias.append(path)
+            bias = None
+            if drop_bias and self.preserve_outputs and layer.built:
+                bias = ops.convert_to_numpy(layer.bias).astype("float32")
+            target = SimpleNamespace(layer=layer, path=path, split=split, bias=bias, act=act)
+        new = _from_config(layer, changes)
+        self.old[id(new)] = layer
+        if target is not None:
+            self.targets[id(new)] = target
+        return new
 
     # -- models
 
-    def rewrite(self, model: keras.Model, include_output: bool, prefix: str) -> keras.Model:
-        if isinstance(model, keras.Sequential):
-            return self._rewrite_sequential(model, include_output, prefix)
-        return self._rewrite_functional(model, include_output, prefix)
+    def rewrite(self, model: keras.Model, prefix: str) -> keras.Model:
+        used, listed = {layer.name for layer in model.layers}, []
 
-    def _copy_other(self, layer, cache: dict, include_output: bool, prefix: str):
-        """The copy of a layer that gets no BN (nested models rewritten), cached per layer."""
-        if id(layer) in cache:
-            return cache[id(layer)]
-        if not isinstance(layer, keras.layers.Layer):
-            copy = layer  # a stateless keras operation
-        elif _is_graph_model(layer):
-            copy = self.rewrite(layer, include_output, f"{prefix}{layer.name}/")
+        def call(new, *args, **kwargs):  # the `call_function` of `clone_model`
+            out = new(*args, **kwargs) if args else None  # no args: unbuilt Sequential
+            if (old := self.old.pop(id(new), None)) is not None and new.built:
+                _copy_weights(old, new)  # once: a shared layer's later calls find no `old`
+            listed.append(new)
+            if (t := self.targets.get(id(new))) is None:
+                return out
+            name = t.layer.name
+            bn = self._make_bn(_unique(f"{name}_bn", used), t.layer)
+            self.report.inserted.setdefault(t.path, []).append(bn.name)
+            act = [_L.Activation(t.act, name=_unique(f"{name}_act", used))] if t.split else []
+            listed.extend([bn, *act])
+            if args:
+                out = bn(out)
+                self._init_bn(bn, t.bias)
+            return act[0](out) if args and act else out
+
+        if isinstance(model, keras.Sequential):  # clone_model takes no call_function for it
+            inputs = model.inputs if model.built else []
+            inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in inputs]
+            copies, x = {}, inputs
+            for layer in model.layers:
+                if id(layer) not in copies:
+                    copies[id(layer)] = self._clone(layer, prefix)
+                x = [y for y in [call(copies[id(layer)], *x)] if y is not None]
+            new_model = keras.Sequential(inputs + listed, name=model.name)
+            if model.compiled:
+                new_model.compile_from_config(model.get_compile_config())
         else:
-            if isinstance(layer, keras.Model):  # subclassed sub-model: copied, not rewired
-                for inner in layer._flatten_layers(include_self=False):
-                    if self._is_target(inner):
-                        self.report.skipped[f"{prefix}{layer.name}/{inner.name}"] = (
-                            f"inside subclassed model `{type(layer).__name__}`, which cannot "
-                            "be rewired"
-                        )
-            copy = self._clone(layer)
-        cache[id(layer)] = copy
-        return copy
-
-    def _rewrite_sequential(self, model, include_output, prefix):
-        layers = list(model.layers)
-        n = len(layers)
-        reasons = defaultdict(list)
-        for i, layer in enumerate(layers):
-            if not self._is_target(layer):
-                continue
-            j = i + 1
-            while j < n and isinstance(layers[j], _ACTIVATION_LAYERS):
-                j += 1
-            followed = j < n and self._is_bn(layers[j])
-            is_output = all(isinstance(x, _TRANSPARENT_LAYERS) for x in layers[i + 1:])
-            reasons[id(layer)].append(self._site_reason(followed, is_output, include_output))
-        # Inner models are outputs only if nothing follows them.
-        inner_include = {
-            id(layer): include_output or not all(
-                isinstance(x, _TRANSPARENT_LAYERS) for x in layers[i + 1:])
-            for i, layer in enumerate(layers) if _is_graph_model(layer)
-        }
-
-        used = {layer.name for layer in layers}
-        targets, cache, new_layers, plan = {}, {}, [], []
-        for layer in layers:
-            if self._is_target(layer) and id(layer) not in targets and id(layer) not in cache:
-                if self._decide(layer, reasons[id(layer)], prefix):
-                    targets[id(layer)] = self._Target(self, layer, prefix + layer.name)
-            if id(layer) in targets:
-                t = targets[id(layer)]
-                bn = self._make_bn(_unique(f"{layer.name}_bn", used), layer)
-                new_layers += [t.new, bn]
-                if t.split:
-                    new_layers.append(keras.layers.Activation(
-                        layer.activation, name=_unique(f"{layer.name}_act", used)))
-                self.report.inserted.setdefault(t.path, []).append(bn.name)
-                plan.append((t, bn))
-            else:
-                copy = self._copy_other(layer, cache, inner_include.get(id(layer), True), prefix)
-                new_layers.append(copy)
-                plan.append((layer, copy))
-
-        first = model._layers[0] if model._layers else None
-        if isinstance(first, keras.layers.InputLayer):
-            new_layers.insert(0, self._clone(first))
-        new_model = keras.Sequential(new_layers, name=model.name)
-        if new_model.built:
-            for old, new in plan:
-                if isinstance(old, self._Target):
-                    old.weights_from_old()
-                    self._init_bn(new, old.bias)
-                elif isinstance(old, keras.layers.Layer) and not _is_graph_model(old):
-                    _copy_weights(old, new)
+            # Not `recursive=True`: Keras would not pass `call_function` to nested Sequential
+            # models; `_clone` rewrites nested models itself.
+            new_model = keras.models.clone_model(
+                model, clone_function=lambda layer: self._clone(layer, prefix), call_function=call
+            )
+        if not model.trainable:
+            new_model.trainable = False
         return new_model
-
-    def _rewrite_functional(self, model, include_output, prefix):
-        nodes = [node for depth in sorted(model._nodes_by_depth, reverse=True)
-                 for node in model._nodes_by_depth[depth]]
-        output_ids = {id(t) for t in model.outputs}
-        consumer_nodes = defaultdict(list)  # id(tensor) -> the nodes that take it as input
-        for node in nodes:
-            for t in node.input_tensors:
-                consumer_nodes[id(t)].append(node)
-
-        memo_out, memo_bn = {}, {}
-
-        def reaches_output(t) -> bool:
-            key = id(t)
-            if key not in memo_out:
-                memo_out[key] = key in output_ids or any(
-                    isinstance(c.operation, _TRANSPARENT_LAYERS)
-                    and any(reaches_output(o) for o in c.outputs)
-                    for c in consumer_nodes.get(key, ()))
-            return memo_out[key]
-
-        def followed_by_bn(t) -> bool:
-            key = id(t)
-            if key not in memo_bn:
-                memo_bn[key] = any(
-                    self._is_bn(c.operation)
-                    or (isinstance(c.operation, _ACTIVATION_LAYERS)
-                        and any(followed_by_bn(o) for o in c.outputs))
-                    for c in consumer_nodes.get(key, ()))
-            return memo_bn[key]
-
-        reasons, inner_include = defaultdict(list), defaultdict(bool)
-        for node in nodes:
-            op = node.operation
-            if node.is_input or op is None:
-                continue
-            outs = node.outputs
-            fb = any(followed_by_bn(o) for o in outs)
-            ro = any(reaches_output(o) for o in outs)
-            if self._is_target(op):
-                reasons[id(op)].append(self._site_reason(fb, ro, include_output))
-            elif _is_graph_model(op):
-                inner_include[id(op)] |= include_output or not (ro or fb)
-
-        used = {layer.name for layer in model.layers}
-        tensors, targets, cache, decided, copied = {}, {}, {}, set(), set()
-        for t in model.inputs:
-            in_layer = t._keras_history.operation
-            tensors[id(t)] = self._clone(in_layer).output
-        for node in nodes:
-            op = node.operation
-            if node.is_input or op is None:
-                continue
-            args, kwargs = node.arguments.fill_in(tensors)
-            if self._is_target(op) and id(op) not in decided:
-                decided.add(id(op))
-                if self._decide(op, reasons[id(op)], prefix):
-                    targets[id(op)] = self._Target(self, op, prefix + op.name)
-            if id(op) in targets:
-                out = targets[id(op)].call(used, *args, **kwargs)
-            else:
-                copy = self._copy_other(op, cache, inner_include[id(op)], prefix)
-                out = copy(*args, **kwargs)
-                if isinstance(op, keras.layers.Layer) and not _is_graph_model(op) \
-                        and id(op) not in copied:
-                    copied.add(id(op))
-                    _copy_weights(op, copy)
-            for x, y in zip(node.outputs, keras.tree.flatten(out), strict=True):
-                tensors[id(x)] = y
-
-        def new_tensor(t):
-            return tensors[id(t)]
-
-        return keras.Model(
-            inputs=keras.tree.map_structure(new_tensor, model.input),
-            outputs=keras.tree.map_structure(new_tensor, model.output),
-            name=model.name,
-        )
-
-
-def _unique(base: str, used: set) -> str:
-    name, i = base, 0
-    while name in used:
-        i += 1
-        name = f"{base}_{i}"
-    used.add(name)
-    return name

@@ -1,72 +1,55 @@
-"""Batch normalization layers for Keras 3: a fused kernel and ghost (virtual-batch) BN.
+"""Batch normalization layer variants for Keras 3: fused, ghost and noisy BN.
 
-Both classes subclass :class:`keras.layers.BatchNormalization`, keep its weights (``gamma``,
-``beta``, ``moving_mean``, ``moving_variance``) and its config, so checkpoints move between
-them and the Keras layer, and code that looks for BN (folding, insertion) finds them.
+- :class:`FusedBatchNormalization`: Keras's BN computed by TensorFlow's ``FusedBatchNormV3``.
+- :class:`GhostBatchNormalization`: batch statistics per virtual batch (Hoffer et al., 2017).
+- :class:`NoisyBatchNormalization`: random shift and scale after BN (Santurkar et al., 2018).
+- :func:`convert_batchnorm`: a copy of a model with its BN layers swapped for another class.
 
-- :class:`FusedBatchNormalization` computes exactly what Keras's layer computes, but with one
-  ``FusedBatchNormV3`` kernel instead of separate moment and normalization ops (Keras 3 on
-  TensorFlow never uses the fused kernel).
-- :class:`GhostBatchNormalization` normalizes each *virtual batch* of ``virtual_batch_size``
-  consecutive examples with its own statistics during training (Hoffer et al., 2017).
-- :func:`convert_batchnorm` copies a model with every BN layer swapped for another BN class,
-  weights included. (Keras's ``.weights.h5`` files key layers by class name, so a whole-model
-  weights file does not load across classes; ``layer.set_weights``, ``model.set_weights``,
-  ``tf.train.Checkpoint`` and this function do.)
+Fused and ghost BN subclass ``keras.layers.BatchNormalization`` and keep its weights and config,
+so weights move between them with ``set_weights`` or ``tf.train.Checkpoint``. Used in notebooks
+03-05 and ``benchmarks/bench_bn_layers.py``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import keras
 from keras import ops
 
-__all__ = ["FusedBatchNormalization", "GhostBatchNormalization", "convert_batchnorm"]
+from bnutils._util import check_positive_int
+
+__all__ = [
+    "FusedBatchNormalization",
+    "GhostBatchNormalization",
+    "NoisyBatchNormalization",
+    "convert_batchnorm",
+]
 
 _FUSED_INPUT_DTYPES = ("float16", "bfloat16", "float32")
 
 
-def _dtype_name(dtype: Any) -> str:
-    return keras.backend.standardize_dtype(dtype)
+def _reject_flags(cls_name: str, kwargs: dict) -> None:
+    for flag in ("renorm", "synchronized"):
+        if kwargs.get(flag):
+            raise ValueError(
+                f"{cls_name} does not support {flag}=True (received {flag}={kwargs[flag]!r}); "
+                f"expected {flag}=False. Use keras.layers.BatchNormalization for it."
+            )
 
 
 @keras.saving.register_keras_serializable(package="bnutils")
 class FusedBatchNormalization(keras.layers.BatchNormalization):
     """``keras.layers.BatchNormalization`` computed by TensorFlow's fused kernel.
 
-    Same arguments, weights, config and numbers as the Keras layer (outputs, gradients and
-    moving statistics agree to float32 round-off). On the TensorFlow backend the layer calls
-    ``tf.raw_ops.FusedBatchNormV3`` in training and inference for:
-
-    - inputs of rank 4 with the channel axis last (NHWC) or first after the batch (NCHW);
-    - inputs of any other rank >= 2 with the channel axis last (reshaped to ``(-1, 1, 1, C)``);
-    - float32, float16 or bfloat16 inputs (mixed precision included) with float32 weights.
-
-    Everything else (other backends, other axes, ``renorm``, ``synchronized``, masks, float64)
-    runs the parent's ``call`` unchanged; :meth:`uses_fused_kernel` tells which path a given
-    input takes.
-
-    The kernel returns the *unbiased* batch variance (``n / (n - 1)`` times the biased one,
-    ``n`` the number of values per channel); Keras updates the moving variance with the
-    *biased* one, so the layer converts it back before the update. The update is Keras's:
-    ``moving = moving * momentum + batch * (1 - momentum)``.
+    Same arguments, weights, config and numbers as the Keras layer. On the TensorFlow backend it
+    calls ``tf.raw_ops.FusedBatchNormV3`` for float16/bfloat16/float32 inputs with float32
+    weights whose channel axis is last, or first after the batch axis for rank-4 inputs.
+    Everything else (other backends or axes, ``renorm``, ``synchronized``, masks, float64) runs
+    Keras's ``call``. The kernel's batch variance is unbiased; it is converted back to the
+    biased one before Keras's moving-average update.
     """
-
-    def uses_fused_kernel(
-        self, input_shape: Any, input_dtype: Any = "float32", mask: Any = None
-    ) -> bool:
-        """Whether a call on inputs of this shape and dtype runs the fused kernel.
-
-        Args:
-            input_shape: the input shape (a tuple; ``None`` for unknown dimensions).
-            input_dtype: the input dtype.
-            mask: the mask that would be passed (any non-``None`` mask disables fusion).
-
-        Returns:
-            ``True`` when ``call`` uses ``FusedBatchNormV3``, ``False`` when it falls back.
-        """
-        return self._fused_layout(tuple(input_shape), input_dtype, mask) is not None
 
     def _fused_layout(self, shape: tuple, dtype: Any, mask: Any) -> str | None:
         """``"NHWC"``, ``"NCHW"``, ``"flat"`` (reshape to NHWC) or ``None`` (fall back)."""
@@ -74,9 +57,9 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             return None
         if self.renorm or self.synchronized:
             return None
-        if _dtype_name(dtype) not in _FUSED_INPUT_DTYPES:
+        if keras.backend.standardize_dtype(dtype) not in _FUSED_INPUT_DTYPES:
             return None
-        if self.moving_mean is not None and _dtype_name(self.moving_mean.dtype) != "float32":
+        if self.moving_mean is not None and self.moving_mean.dtype != "float32":
             return None
         rank = len(shape)
         if rank < 2:
@@ -99,9 +82,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         x = inputs
         if layout == "flat":
             x = tf.reshape(x, [-1, 1, 1, x.shape[-1]])
-            data_format = "NHWC"
-        else:
-            data_format = layout
+        data_format = "NHWC" if layout == "flat" else layout
         channels = x.shape[1] if data_format == "NCHW" else x.shape[-1]
 
         def _param(variable, fill):
@@ -113,18 +94,16 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         beta = _param(self.beta if self.center else None, 0.0)
         moving_mean = tf.cast(self.moving_mean, tf.float32)
         moving_variance = tf.cast(self.moving_variance, tf.float32)
-
+        kernel_args = dict(
+            x=x, scale=gamma, offset=beta, epsilon=self.epsilon, data_format=data_format
+        )
         if training and self.trainable:
             empty = tf.constant([], tf.float32)
             y, batch_mean, unbiased_variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-                x=x,
-                scale=gamma,
-                offset=beta,
+                **kernel_args,
                 mean=empty,
                 variance=empty,
-                epsilon=self.epsilon,
                 exponential_avg_factor=1.0,
-                data_format=data_format,
                 is_training=True,
             )
             # The kernel applies Bessel's correction n / max(n - 1, 1); undo it.
@@ -138,14 +117,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             )
         else:
             y = tf.raw_ops.FusedBatchNormV3(
-                x=x,
-                scale=gamma,
-                offset=beta,
-                mean=moving_mean,
-                variance=moving_variance,
-                epsilon=self.epsilon,
-                data_format=data_format,
-                is_training=False,
+                **kernel_args, mean=moving_mean, variance=moving_variance, is_training=False
             )[0]
         if layout == "flat":
             y = tf.reshape(y, tf.shape(inputs))
@@ -156,46 +128,28 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
 class GhostBatchNormalization(keras.layers.BatchNormalization):
     """Ghost batch normalization: batch statistics per virtual batch during training.
 
-    In training the batch is split into consecutive virtual batches of
-    ``virtual_batch_size`` examples, each normalized with its own mean and (biased) variance.
-    The moving statistics are updated once per step with the average over virtual batches of
-    their means and variances (as ``tf.keras`` 2 did). Inference is exactly Keras's BN.
+    Training normalizes each group of ``virtual_batch_size`` consecutive examples with its own
+    mean and biased variance; the moving statistics are updated once per step with their
+    averages over groups (as ``tf.keras`` 2 did). Inference is Keras's BN.
 
     Args:
-        virtual_batch_size: examples per virtual batch (a positive integer dividing every
-            training batch size).
-        **kwargs: any argument of ``keras.layers.BatchNormalization`` except ``renorm=True``
-            and ``synchronized=True``.
+        virtual_batch_size: examples per virtual batch; must divide every training batch size.
+        **kwargs: ``keras.layers.BatchNormalization`` arguments except ``renorm=True`` and
+            ``synchronized=True``.
 
     Raises:
-        ValueError: a bad ``virtual_batch_size``, ``renorm``/``synchronized`` requested, or
-            (at call time, training) a batch size not divisible by ``virtual_batch_size``.
+        ValueError: a bad ``virtual_batch_size``, ``renorm``/``synchronized``, ``axis=0``, a mask
+            in training, or a training batch size not divisible by ``virtual_batch_size``.
     """
 
     def __init__(self, virtual_batch_size: int, **kwargs: Any):
-        if (
-            isinstance(virtual_batch_size, bool)
-            or not isinstance(virtual_batch_size, int)
-            or virtual_batch_size < 1
-        ):
-            raise ValueError(
-                "GhostBatchNormalization expects `virtual_batch_size` to be a positive "
-                f"integer, received virtual_batch_size={virtual_batch_size!r}. For plain batch "
-                "normalization use keras.layers.BatchNormalization."
-            )
-        for flag in ("renorm", "synchronized"):
-            if kwargs.get(flag):
-                raise ValueError(
-                    f"GhostBatchNormalization does not support {flag}=True (received "
-                    f"{flag}={kwargs[flag]!r}); expected {flag}=False. Use "
-                    "keras.layers.BatchNormalization for it."
-                )
+        virtual_batch_size = check_positive_int("virtual_batch_size", virtual_batch_size)
+        _reject_flags("GhostBatchNormalization", kwargs)
         super().__init__(**kwargs)
         self.virtual_batch_size = virtual_batch_size
 
     def build(self, input_shape):
-        rank = len(input_shape)
-        if self.axis % rank == 0:
+        if self.axis % len(input_shape) == 0:
             raise ValueError(
                 "GhostBatchNormalization normalizes over the batch axis, so the feature axis "
                 f"cannot be axis 0; received axis={self.axis} for input shape {input_shape}. "
@@ -206,10 +160,9 @@ class GhostBatchNormalization(keras.layers.BatchNormalization):
     def get_config(self) -> dict:
         return {**super().get_config(), "virtual_batch_size": self.virtual_batch_size}
 
-    def _check_batch_size(self, batch_size):
-        """Raise (static batch) or return TF assertions (dynamic batch) on divisibility."""
+    def _check_batch_size(self, x, batch_size):
+        """Raise (static batch) or add a TF assertion (dynamic batch) on divisibility."""
         vbs = self.virtual_batch_size
-
         head = f"GhostBatchNormalization {self.name!r}: the batch size"
         tail = (
             f"is not divisible by virtual_batch_size={vbs}. Expected a batch size that is a "
@@ -219,12 +172,14 @@ class GhostBatchNormalization(keras.layers.BatchNormalization):
         if isinstance(batch_size, int):
             if batch_size % vbs:
                 raise ValueError(f"{head} {batch_size} {tail}")
-            return []
+            return x
         if keras.backend.backend() != "tensorflow":
-            return []
+            return x
         import tensorflow as tf
 
-        return [tf.debugging.Assert(tf.equal(batch_size % vbs, 0), [head, batch_size, tail])]
+        check = tf.debugging.Assert(tf.equal(batch_size % vbs, 0), [head, batch_size, tail])
+        with tf.control_dependencies([check]):
+            return tf.identity(x)
 
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable):
@@ -235,17 +190,12 @@ class GhostBatchNormalization(keras.layers.BatchNormalization):
                 f"of shape {mask.shape}. Expected mask=None (use "
                 "keras.layers.BatchNormalization for masked inputs)."
             )
-        compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
-        x = ops.cast(inputs, compute_dtype)
+        dtype = keras.backend.result_type(inputs.dtype, "float32")
+        x = ops.cast(inputs, dtype)
         shape = ops.shape(x)
         rank = len(shape)
         axis = self.axis % rank
-        checks = self._check_batch_size(shape[0])
-        if checks:
-            import tensorflow as tf
-
-            with tf.control_dependencies(checks):
-                x = tf.identity(x)
+        x = self._check_batch_size(x, shape[0])
 
         # (batch, ...) -> (groups, virtual_batch_size, ...): consecutive examples per group.
         grouped = ops.reshape(x, (-1, self.virtual_batch_size, *shape[1:]))
@@ -255,25 +205,89 @@ class GhostBatchNormalization(keras.layers.BatchNormalization):
 
         param_shape = [1] * (rank + 1)
         param_shape[channel_axis] = shape[axis]
-        gamma = (
-            ops.reshape(ops.cast(self.gamma, compute_dtype), param_shape) if self.scale else None
-        )
-        beta = ops.reshape(ops.cast(self.beta, compute_dtype), param_shape) if self.center else None
         inv = ops.rsqrt(variance + self.epsilon)
-        if gamma is not None:
-            inv = inv * gamma
-        y = grouped * inv + ((beta if beta is not None else 0.0) - mean * inv)
-        y = ops.reshape(y, shape)
+        if self.scale:
+            inv = inv * ops.reshape(ops.cast(self.gamma, dtype), param_shape)
+        offset = ops.reshape(ops.cast(self.beta, dtype), param_shape) if self.center else 0.0
+        y = ops.reshape(grouped * inv + (offset - mean * inv), shape)
 
-        batch_mean = ops.reshape(ops.mean(mean, axis=0), (-1,))
-        batch_variance = ops.reshape(ops.mean(variance, axis=0), (-1,))
-        moving_mean = ops.cast(self.moving_mean, compute_dtype)
-        moving_variance = ops.cast(self.moving_variance, compute_dtype)
-        self.moving_mean.assign(moving_mean * self.momentum + batch_mean * (1.0 - self.momentum))
-        self.moving_variance.assign(
-            moving_variance * self.momentum + batch_variance * (1.0 - self.momentum)
-        )
+        for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
+            batch = ops.reshape(ops.mean(batch, axis=0), (-1,))
+            old = ops.cast(moving, dtype)
+            moving.assign(old * self.momentum + batch * (1.0 - self.momentum))
         return ops.cast(y, self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="bnutils")
+class NoisyBatchNormalization(keras.layers.Layer):
+    """Random per-channel scale and shift, redrawn every training step; identity at inference.
+
+    Santurkar et al.'s test of the internal-covariate-shift story: placed right after a BN layer,
+    it returns ``s_c * x + m_c`` with, per channel ``c`` and step, ``m_c ~ U(-shift, shift)``
+    and ``s_c = exp(u_c)``, ``u_c ~ U(-log(1 + scale), log(1 + scale))``. Used in notebook 05.
+
+    Args:
+        shift: half-width of the uniform shift (non-negative).
+        scale: the scale factor lies in ``[1 / (1 + scale), 1 + scale]`` (non-negative).
+        axis: the channel axis.
+        seed: seed of the noise stream (``None``: follows the global Keras seed).
+        **kwargs: base-layer arguments (``name``, ``dtype``...).
+
+    Raises:
+        ValueError: a negative ``shift`` or ``scale``, or a non-integer ``axis``.
+    """
+
+    def __init__(
+        self,
+        shift: float = 1.0,
+        scale: float = 1.0,
+        axis: int = -1,
+        seed: int | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        for label, value in (("shift", shift), ("scale", scale)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(
+                    f"NoisyBatchNormalization: `{label}` must be a non-negative number, "
+                    f"received {value!r}. Use 0 to switch that part of the noise off."
+                )
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise ValueError(
+                f"NoisyBatchNormalization: `axis` must be an integer, received {axis!r}."
+            )
+        self.shift, self.scale, self.axis, self.seed = float(shift), float(scale), axis, seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        rank = len(input_shape)
+        axis = self.axis % rank if rank else 0
+        if rank < 2 or axis == 0 or input_shape[axis] is None:
+            raise ValueError(
+                "NoisyBatchNormalization expects inputs of rank >= 2 with a known channel axis "
+                f"after the batch axis; received input shape {tuple(input_shape)} and "
+                f"axis={self.axis}."
+            )
+        self._noise_shape = [1] * rank
+        self._noise_shape[axis] = int(input_shape[axis])
+
+    def call(self, inputs, training=None):
+        if not training or (self.shift == 0.0 and self.scale == 0.0):
+            return inputs
+        log_range = math.log1p(self.scale)
+        draw = dict(shape=self._noise_shape, dtype=inputs.dtype, seed=self.seed_generator)
+        log_s = keras.random.uniform(minval=-log_range, maxval=log_range, **draw)
+        m = keras.random.uniform(minval=-self.shift, maxval=self.shift, **draw)
+        return inputs * ops.exp(log_s) + m
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(shift=self.shift, scale=self.scale, axis=self.axis, seed=self.seed)
+        return config
 
 
 def convert_batchnorm(
@@ -283,22 +297,21 @@ def convert_batchnorm(
 ) -> keras.Model:
     """A copy of ``model`` with every BN layer rebuilt as ``bn_class``, weights copied.
 
-    Each BatchNormalization layer (any subclass) is rebuilt from its own config plus
-    ``bn_kwargs``; other layers are cloned unchanged; nested Sequential/Functional models are
-    converted too. The original model is not modified.
+    Each BN layer (nested models included) is rebuilt from its config plus ``bn_kwargs``; the
+    original model is not modified.
+
+    >>> ghost = convert_batchnorm(model, GhostBatchNormalization, virtual_batch_size=32)
 
     Args:
         model: a Sequential or Functional model.
-        bn_class: the target class, ``keras.layers.BatchNormalization`` or a subclass (e.g.
-            :class:`FusedBatchNormalization`, :class:`GhostBatchNormalization`).
-        **bn_kwargs: config overrides for the new BN layers (e.g. ``virtual_batch_size=32``).
+        bn_class: ``keras.layers.BatchNormalization`` or a subclass.
+        **bn_kwargs: config overrides for the new BN layers.
 
     Returns:
         The converted model, with the same weights as ``model``.
 
     Raises:
-        ValueError: ``bn_class`` is not a BatchNormalization class, or ``model`` is a
-            subclassed model (``keras.models.clone_model`` cannot copy those).
+        ValueError: ``bn_class`` is not a BatchNormalization class, or ``model`` is subclassed.
     """
     if not (isinstance(bn_class, type) and issubclass(bn_class, keras.layers.BatchNormalization)):
         raise ValueError(

@@ -1,150 +1,121 @@
-"""Model builders used across the suite: an MLP, a VGG-style CNN and a small ResNet.
+"""Model builders used across the suite: MLP, VGG-style CNN, small ResNet, ResNet50, tiny BN nets.
 
-Every builder takes the same normalization arguments:
+Shared normalization arguments: ``norm`` (``None``, ``"batch"``, ``"layer"``, ``"group"``; group
+norm uses the largest divisor of the channels not above 32); ``bn_position``, ``"before"``
+(``layer -> norm -> act``, Ioffe & Szegedy; the layer then has no bias) or ``"after"``;
+``bn_layer``, the BN class or factory called as ``bn_layer(name=..., **bn_kwargs)`` (default
+``keras.layers.BatchNormalization``); ``bn_kwargs`` for every BN layer; ``synchronized=True``
+adds ``synchronized=True`` to them.
 
-- ``norm``: ``None`` (no normalization), ``"batch"``, ``"layer"`` or ``"group"``;
-- ``bn_position``: where the normalization sits relative to the activation, ``"before"``
-  (``layer -> norm -> activation``, Ioffe & Szegedy's placement) or ``"after"``
-  (``layer -> activation -> norm``);
-- ``bn_layer``: the batch normalization class or factory (default
-  ``keras.layers.BatchNormalization``; e.g. ``bnutils.FusedBatchNormalization`` or
-  ``bnutils.ScratchBatchNormalization``), called as ``bn_layer(name=..., **bn_kwargs)``;
-- ``bn_kwargs``: arguments for every BN layer (``momentum``, ``epsilon``, ...);
-  ``synchronized=True`` is a shortcut for ``bn_kwargs={"synchronized": True}``;
-- ``groups``: groups of ``norm="group"`` (the largest divisor of the channel count that does
-  not exceed ``groups`` is used, so any width works).
-
-Layers have readable names (``dense_1``, ``dense_1_bn``, ``dense_1_act``, ``block2_conv1``,
-``stage2_block1_conv1`` ...). With ``norm`` and ``bn_position="before"`` the layer feeding the
-normalization has ``use_bias=False`` (the normalization's ``beta`` replaces the bias). Without
-``norm`` the activations are fused into the Dense/Conv layers, which is how a Keras user writes
-a baseline (and what :func:`bnutils.insert_batchnorm` splits).
-
-Every model ends in ``Dense(num_classes, name="predictions")`` with ``output_activation``
-(``"softmax"`` by default; ``None`` gives logits).
+Without ``norm`` the activations are fused into the Dense/Conv layers, as a Keras user writes a
+baseline (and what :func:`bnutils.insert_batchnorm` splits); ``split_activation=True`` gives
+them separate ``*_act`` layers, the BN twin's layout (timed twins need it: a fused
+``Conv2D(activation="relu")`` can train markedly slower). Models end in ``predictions``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
 
-__all__ = ["NORMS", "build_cnn", "build_mlp", "build_resnet"]
+from bnutils._util import check_choice, check_positive_int
+
+__all__ = [
+    "NORMS",
+    "build_cnn",
+    "build_mlp",
+    "build_resnet",
+    "build_resnet50",
+    "small_bn_mlp",
+    "small_bn_model",
+]
 
 NORMS = (None, "batch", "layer", "group")
-_POSITIONS = ("before", "after")
 _NORM_SUFFIX = {"batch": "bn", "layer": "ln", "group": "gn"}
 
 
 # ---------------------------------------------------------------- shared helpers
 
 
-def _check_common(
-    norm: str | None, bn_position: str, bn_layer: Any, bn_kwargs: dict | None, groups: int
-) -> None:
-    if norm not in NORMS:
-        raise ValueError(
-            f"Unknown norm={norm!r}. Expected one of {list(NORMS)}: None for no normalization, "
-            "'batch' for BatchNormalization, 'layer' for LayerNormalization or 'group' for "
-            "GroupNormalization."
-        )
-    if bn_position not in _POSITIONS:
-        raise ValueError(
-            f"Unknown bn_position={bn_position!r}. Expected 'before' (layer -> norm -> "
-            "activation) or 'after' (layer -> activation -> norm)."
-        )
-    if norm != "batch" and (bn_layer is not None or bn_kwargs):
-        raise ValueError(
-            f"`bn_layer` and `bn_kwargs` configure batch normalization, but norm={norm!r}. "
-            "Pass norm='batch' to use them, or drop them."
-        )
-    if bn_layer is not None and not callable(bn_layer):
-        raise TypeError(
-            "Expected `bn_layer` to be a layer class or a factory callable(name=..., **kwargs), "
-            f"received {bn_layer!r} of type {type(bn_layer).__name__}."
-        )
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"Expected `groups` to be a positive integer, received {groups!r}.")
-
-
 def _check_widths(name: str, widths: Sequence[int], allow_empty: bool = False) -> tuple:
     widths = tuple(widths)
-    bad = [w for w in widths if isinstance(w, bool) or not isinstance(w, int) or w < 1]
-    if bad or (not widths and not allow_empty):
+    if not widths and not allow_empty:
+        raise ValueError(f"Expected `{name}` to be a non-empty sequence, received {widths!r}.")
+    return tuple(check_positive_int(name, w) for w in widths)
+
+
+def _check_image(input_shape: Sequence[int], dropout: float) -> tuple:
+    shape = tuple(input_shape)
+    if len(shape) != 3 or any(not isinstance(d, int) or d < 1 for d in shape):
         raise ValueError(
-            f"Expected `{name}` to be a {'' if allow_empty else 'non-empty '}sequence of "
-            f"positive integers, received {widths!r}."
+            "Expected `input_shape` to be (height, width, channels) of positive integers, e.g. "
+            f"(28, 28, 1) or (32, 32, 3); received {input_shape!r}."
         )
-    return widths
-
-
-def _group_count(groups: int, channels: int) -> int:
-    """The largest divisor of ``channels`` that is at most ``groups``."""
-    g = min(groups, channels)
-    while channels % g:
-        g -= 1
-    return g
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"Expected `dropout` in [0, 1), received {dropout!r}.")
+    return shape
 
 
 class _Norms:
-    """Makes the normalization layers of one model (keeps the builders short)."""
+    """The normalization choices of one model (checked); makes its ``layer -> norm -> act``."""
 
-    def __init__(
-        self,
-        norm: str | None,
-        bn_layer: Callable[..., keras.layers.Layer] | None,
-        bn_kwargs: dict | None,
-        groups: int,
-        synchronized: bool,
-    ):
-        self.norm = norm
+    def __init__(self, norm, position, activation, bn_layer, bn_kwargs, sync, split=False):
+        if norm not in NORMS:
+            raise ValueError(f"Unknown norm={norm!r}. Expected one of {list(NORMS)} (None: none).")
+        if position not in ("before", "after"):
+            raise ValueError(
+                f"Unknown bn_position={position!r}. Expected 'before' (layer -> norm -> "
+                "activation) or 'after' (layer -> activation -> norm)."
+            )
+        if norm != "batch" and (bn_layer is not None or bn_kwargs):
+            raise ValueError(
+                f"`bn_layer` and `bn_kwargs` configure batch normalization, but norm={norm!r}. "
+                "Pass norm='batch' to use them, or drop them."
+            )
+        if bn_layer is not None and not callable(bn_layer):
+            raise TypeError(
+                f"Expected `bn_layer` to be a layer class or factory, got {bn_layer!r}."
+            )
+        self.norm, self.position, self.activation, self.split = norm, position, activation, split
         self.bn_layer = bn_layer or keras.layers.BatchNormalization
-        self.bn_kwargs = dict(bn_kwargs or {})
-        if synchronized:
-            self.bn_kwargs["synchronized"] = True
-        self.groups = groups
-
-    @property
-    def suffix(self) -> str:
-        return _NORM_SUFFIX[self.norm]
+        self.bn_kwargs = {**(bn_kwargs or {}), **({"synchronized": True} if sync else {})}
+        self.suffix = _NORM_SUFFIX.get(norm, "norm")
+        self.use_bias = norm is None or position == "after"
 
     def __call__(self, name: str, channels: int) -> keras.layers.Layer:
         if self.norm == "batch":
             return self.bn_layer(name=name, **self.bn_kwargs)
         if self.norm == "layer":
             return keras.layers.LayerNormalization(name=name)
-        return keras.layers.GroupNormalization(
-            groups=_group_count(self.groups, channels), name=name
-        )
+        g = min(32, channels)
+        while channels % g:  # the largest divisor of `channels` not above 32
+            g -= 1
+        return keras.layers.GroupNormalization(groups=g, name=name)
+
+    def norm_act(self, x, name, channels, norm_name=None, act_name=None):
+        """``norm -> activation`` or ``activation -> norm`` (just the activation without norm)."""
+        act = keras.layers.Activation(self.activation, name=act_name or f"{name}_act")
+        if self.norm is None:
+            return act(x)
+        norm = self(norm_name or f"{name}_{self.suffix}", channels)
+        return act(norm(x)) if self.position == "before" else norm(act(x))
+
+    def unit(self, x, make, name, channels):
+        """``make(name=...)`` (a Dense or Conv2D partial), then its norm and activation."""
+        if self.norm is None and not self.split:
+            return make(name=name, activation=self.activation)(x)
+        return self.norm_act(make(name=name, use_bias=self.use_bias)(x), name, channels)
 
 
-def _norm_act(x, norms: _Norms, position: str, activation: Any, name: str, channels: int,
-              norm_name: str | None = None, act_name: str | None = None):
-    """``norm -> activation`` or ``activation -> norm`` (just the activation without norm)."""
-    norm_name = norm_name or f"{name}_{norms.suffix if norms.norm else 'norm'}"
-    act = keras.layers.Activation(activation, name=act_name or f"{name}_act")
-    if norms.norm is None:
-        return act(x)
-    if position == "before":
-        return act(norms(norm_name, channels)(x))
-    return norms(norm_name, channels)(act(x))
-
-
-def _head(x, num_classes: int, output_activation: str | None, kernel_initializer: Any):
-    return keras.layers.Dense(
-        num_classes,
-        activation=output_activation,
-        kernel_initializer=kernel_initializer,
-        name="predictions",
-    )(x)
-
-
-def _default_name(kind: str, norm: str | None, position: str) -> str:
-    if norm is None:
-        return kind
-    return f"{kind}_{_NORM_SUFFIX[norm]}" + ("_after" if position == "after" else "")
+def _model(inputs, x, n: _Norms, kind, name, classes, activation, init) -> keras.Model:
+    """Adds ``predictions``; names the model (default ``kind``, ``kind_bn``, ``kind_bn_after``)."""
+    head = keras.layers.Dense(classes, activation, kernel_initializer=init, name="predictions")
+    if name is None and n.norm is not None:
+        name = f"{kind}_{n.suffix}" + ("_after" if n.position == "after" else "")
+    return keras.Model(inputs, head(x), name=name or kind)
 
 
 # ---------------------------------------------------------------- builders
@@ -160,7 +131,6 @@ def build_mlp(
     bn_position: str = "before",
     bn_layer: Callable[..., keras.layers.Layer] | None = None,
     bn_kwargs: dict | None = None,
-    groups: int = 32,
     synchronized: bool = False,
     output_activation: str | None = "softmax",
     split_activation: bool = False,
@@ -168,20 +138,17 @@ def build_mlp(
 ) -> keras.Model:
     """A fully connected network; the default is Ioffe & Szegedy's MNIST net (3 x 100 sigmoid).
 
-    Layers: ``flatten``, then per hidden layer ``dense_i`` (+ ``dense_i_bn`` and
-    ``dense_i_act`` with ``norm``), then ``predictions``.
+    Layers: ``flatten``, per hidden layer ``dense_i`` (+ ``dense_i_bn``, ``dense_i_act``), then
+    ``predictions``. Used in notebooks 02-05.
 
     Args:
         input_shape: shape of one example (flattened first).
         num_classes: output units.
         widths: units of each hidden layer.
-        activation: hidden activation.
-        kernel_initializer: initializer of every kernel.
-        norm, bn_position, bn_layer, bn_kwargs, groups, synchronized: see the module docstring.
+        activation, kernel_initializer: of the hidden layers.
+        norm, bn_position, bn_layer, bn_kwargs, synchronized, split_activation: see the
+            module docstring.
         output_activation: activation of ``predictions`` (``None``: logits).
-        split_activation: without ``norm``, give each hidden layer a separate
-            ``dense_i_act`` Activation layer instead of fusing it into the Dense (the same
-            function; useful to observe a unit's pre-activation, as notebook 04 does).
         name: model name (default ``"mlp"``, ``"mlp_bn"``, ``"mlp_bn_after"``, ...).
 
     Returns:
@@ -190,67 +157,55 @@ def build_mlp(
     Raises:
         ValueError: an argument is out of range (the message says which).
     """
-    _check_common(norm, bn_position, bn_layer, bn_kwargs, groups)
     widths = _check_widths("widths", widths, allow_empty=True)
-    norms = _Norms(norm, bn_layer, bn_kwargs, groups, synchronized)
-    use_bias = norm is None or bn_position == "after"
-
+    n = _Norms(norm, bn_position, activation, bn_layer, bn_kwargs, synchronized, split_activation)
     inputs = keras.Input(shape=tuple(input_shape), name="inputs")
     x = keras.layers.Flatten(name="flatten")(inputs)
     for i, units in enumerate(widths, start=1):
-        layer_name = f"dense_{i}"
-        if norm is None and split_activation:
-            x = keras.layers.Dense(units, name=layer_name, kernel_initializer=kernel_initializer)(x)
-            x = keras.layers.Activation(activation, name=f"{layer_name}_act")(x)
-            continue
-        if norm is None:
-            x = keras.layers.Dense(units, activation=activation, name=layer_name,
-                                   kernel_initializer=kernel_initializer)(x)
-            continue
-        x = keras.layers.Dense(units, use_bias=use_bias, name=layer_name,
-                               kernel_initializer=kernel_initializer)(x)
-        x = _norm_act(x, norms, bn_position, activation, layer_name, units)
-    outputs = _head(x, num_classes, output_activation, kernel_initializer)
-    return keras.Model(inputs, outputs, name=name or _default_name("mlp", norm, bn_position))
+        dense = functools.partial(keras.layers.Dense, units, kernel_initializer=kernel_initializer)
+        x = n.unit(x, dense, f"dense_{i}", units)
+    return _model(inputs, x, n, "mlp", name, num_classes, output_activation, kernel_initializer)
 
 
 def build_cnn(
     input_shape: Sequence[int] = (28, 28, 1),
     num_classes: int = 10,
-    filters: Sequence[int] = (32, 64),
+    filters: Sequence[int | Sequence[int]] = (32, 64),
     convs_per_block: int = 2,
     dense_units: Sequence[int] = (128,),
     activation: Any = "relu",
     kernel_initializer: Any = "he_normal",
     dropout: float = 0.0,
-    weight_decay: float = 0.0,
     norm: str | None = None,
     bn_position: str = "before",
     bn_layer: Callable[..., keras.layers.Layer] | None = None,
     bn_kwargs: dict | None = None,
-    groups: int = 32,
     synchronized: bool = False,
     output_activation: str | None = "softmax",
+    split_activation: bool = False,
+    global_pool: bool = False,
     name: str | None = None,
 ) -> keras.Model:
     """A small VGG-style CNN: blocks of 3x3 convolutions and 2x2 max pooling, then a dense head.
 
     The default is ``32-32-pool-64-64-pool-flatten-128-predictions``. Layers are named
-    ``block{b}_conv{c}`` (+ ``_bn``/``_act``), ``block{b}_pool``, ``flatten``, ``dense_{i}``.
-    Dense layers of the head are normalized like the convolutions.
+    ``block{b}_conv{c}`` (+ ``_bn``/``_act``), ``block{b}_pool``, ``flatten``, ``dense_{i}``; the
+    head's dense layers are normalized like the convolutions. Used in notebooks 02-07.
 
     Args:
-        input_shape: ``(height, width, channels)``, e.g. ``(28, 28, 1)`` or ``(32, 32, 3)``.
+        input_shape: ``(height, width, channels)``.
         num_classes: output units.
-        filters: filters of the convolutions of each block (one block per entry).
-        convs_per_block: convolutions per block.
+        filters: one block per entry: an int is ``convs_per_block`` convolutions of that width, a
+            sequence one convolution per width, e.g. ``((32, 32), (64, 64), (128,))``.
+        convs_per_block: convolutions of a block given as an int.
         dense_units: units of each hidden dense layer of the head (may be empty).
-        activation: hidden activation.
-        kernel_initializer: initializer of every kernel.
+        activation, kernel_initializer: of the hidden layers.
         dropout: rate of a ``Dropout`` after every pooling and hidden dense layer (0: none).
-        weight_decay: L2 factor on every kernel (0: none).
-        norm, bn_position, bn_layer, bn_kwargs, groups, synchronized: see the module docstring.
+        norm, bn_position, bn_layer, bn_kwargs, synchronized, split_activation: see the
+            module docstring.
         output_activation: activation of ``predictions`` (``None``: logits).
+        global_pool: ``GlobalAveragePooling2D`` (``avg_pool``) instead of ``Flatten``, in place
+            of the last block's max pooling.
         name: model name (default ``"cnn"``, ``"cnn_bn"``, ...).
 
     Returns:
@@ -259,96 +214,64 @@ def build_cnn(
     Raises:
         ValueError: an argument is out of range (the message says which).
     """
-    _check_common(norm, bn_position, bn_layer, bn_kwargs, groups)
-    input_shape = _check_image_shape(input_shape)
-    filters = _check_widths("filters", filters)
+    input_shape = _check_image(input_shape, dropout)
+    k = check_positive_int("convs_per_block", convs_per_block)
+    blocks = [_check_widths("filters", f if isinstance(f, Sequence) else (f,) * k) for f in filters]
+    if not blocks:
+        raise ValueError(f"Expected `filters` to be a non-empty sequence, received {filters!r}.")
     dense_units = _check_widths("dense_units", dense_units, allow_empty=True)
-    _check_rates(dropout, weight_decay)
-    if isinstance(convs_per_block, bool) or not isinstance(convs_per_block, int) \
-            or convs_per_block < 1:
-        raise ValueError(
-            f"Expected `convs_per_block` to be a positive integer, received {convs_per_block!r}."
-        )
-    norms = _Norms(norm, bn_layer, bn_kwargs, groups, synchronized)
-    use_bias = norm is None or bn_position == "after"
-    reg = keras.regularizers.L2(weight_decay) if weight_decay else None
-    common = {"kernel_initializer": kernel_initializer, "kernel_regularizer": reg}
+    n = _Norms(norm, bn_position, activation, bn_layer, bn_kwargs, synchronized, split_activation)
+    L, init = keras.layers, kernel_initializer
 
     inputs = keras.Input(shape=input_shape, name="inputs")
     x = inputs
-    for b, f in enumerate(filters, start=1):
-        for c in range(1, convs_per_block + 1):
-            layer_name = f"block{b}_conv{c}"
-            if norm is None:
-                x = keras.layers.Conv2D(f, 3, padding="same", activation=activation,
-                                        name=layer_name, **common)(x)
-            else:
-                x = keras.layers.Conv2D(f, 3, padding="same", use_bias=use_bias,
-                                        name=layer_name, **common)(x)
-                x = _norm_act(x, norms, bn_position, activation, layer_name, f)
-        x = keras.layers.MaxPooling2D(2, name=f"block{b}_pool")(x)
-        if dropout:
-            x = keras.layers.Dropout(dropout, name=f"block{b}_dropout")(x)
-    x = keras.layers.Flatten(name="flatten")(x)
+    for b, widths in enumerate(blocks, start=1):
+        for c, f in enumerate(widths, start=1):
+            conv = functools.partial(L.Conv2D, f, 3, padding="same", kernel_initializer=init)
+            x = n.unit(x, conv, f"block{b}_conv{c}", f)
+        if global_pool and b == len(blocks):
+            break
+        x = L.MaxPooling2D(2, name=f"block{b}_pool")(x)
+        x = L.Dropout(dropout, name=f"block{b}_dropout")(x) if dropout else x
+    pool = L.GlobalAveragePooling2D(name="avg_pool") if global_pool else L.Flatten(name="flatten")
+    x = pool(x)
     for i, units in enumerate(dense_units, start=1):
-        layer_name = f"dense_{i}"
-        if norm is None:
-            x = keras.layers.Dense(units, activation=activation, name=layer_name, **common)(x)
-        else:
-            x = keras.layers.Dense(units, use_bias=use_bias, name=layer_name, **common)(x)
-            x = _norm_act(x, norms, bn_position, activation, layer_name, units)
-        if dropout:
-            x = keras.layers.Dropout(dropout, name=f"dense_{i}_dropout")(x)
-    outputs = _head(x, num_classes, output_activation, kernel_initializer)
-    return keras.Model(inputs, outputs, name=name or _default_name("cnn", norm, bn_position))
+        dense = functools.partial(L.Dense, units, kernel_initializer=init)
+        x = n.unit(x, dense, f"dense_{i}", units)
+        x = L.Dropout(dropout, name=f"dense_{i}_dropout")(x) if dropout else x
+    return _model(inputs, x, n, "cnn", name, num_classes, output_activation, kernel_initializer)
 
 
 def build_resnet(
     input_shape: Sequence[int] = (28, 28, 1),
     num_classes: int = 10,
     widths: Sequence[int] = (32, 64, 128),
-    blocks_per_stage: int = 2,
-    preact: bool = True,
     activation: Any = "relu",
     kernel_initializer: Any = "he_normal",
-    dropout: float = 0.0,
-    weight_decay: float = 0.0,
     norm: str | None = "batch",
     bn_position: str = "before",
     bn_layer: Callable[..., keras.layers.Layer] | None = None,
     bn_kwargs: dict | None = None,
-    groups: int = 32,
     synchronized: bool = False,
     output_activation: str | None = "softmax",
     name: str | None = None,
 ) -> keras.Model:
-    """A small ResNet: a 3x3 stem, stages of two-convolution residual blocks, global pooling.
+    """A small pre-activation ResNet (He et al. 2016): a 3x3 stem, stages of 2 blocks, pooling.
 
-    Each stage after the first halves the resolution (stride 2 in its first block, with a 1x1
-    projection shortcut). With ``preact=True`` (He et al., 2016, "identity mappings") a block is
-    ``x + conv(act(norm(conv(act(norm(x))))))`` and the network ends with ``norm -> act``;
-    with ``preact=False`` (the original ResNet) a block is
-    ``act(x + norm(conv(act(norm(conv(x))))))``. ``bn_position="after"`` swaps every
-    ``norm -> act`` pair into ``act -> norm`` (in the original form the block's output
-    activation then moves before the last norm). Unlike the other builders the default is
-    ``norm="batch"``: residual networks are designed with it.
-
-    Names: ``stem_conv``, ``stage{s}_block{b}_conv{i}``, ``..._bn{i}`` / ``..._act{i}``,
-    ``..._shortcut`` (+ ``_bn``), ``..._add``, ``final_bn``, ``final_act``, ``avg_pool``.
+    A block is ``x + conv(act(norm(conv(act(norm(x))))))``; each stage after the first halves
+    the resolution (stride 2 and a 1x1 projection shortcut in its first block); the net ends with
+    ``norm -> act -> avg_pool``. The default is ``norm="batch"``. Names: ``stem_conv``,
+    ``stage{s}_block{b}_conv{i}``, ``..._bn{i}`` / ``..._act{i}``, ``..._shortcut``, ``..._add``,
+    ``final_bn``, ``final_act``, ``avg_pool``.
 
     Args:
         input_shape: ``(height, width, channels)``.
         num_classes: output units.
         widths: filters of each stage.
-        blocks_per_stage: residual blocks per stage.
-        preact: pre-activation blocks (``True``) or the original post-activation ones.
-        activation: hidden activation.
-        kernel_initializer: initializer of every kernel.
-        dropout: rate of a ``Dropout`` before ``predictions`` (0: none).
-        weight_decay: L2 factor on every kernel (0: none).
-        norm, bn_position, bn_layer, bn_kwargs, groups, synchronized: see the module docstring.
+        activation, kernel_initializer: of the hidden layers.
+        norm, bn_position, bn_layer, bn_kwargs, synchronized: see the module docstring.
         output_activation: activation of ``predictions`` (``None``: logits).
-        name: model name (default ``"resnet_bn"``, ``"resnet_v1_bn"``, ...).
+        name: model name (default ``"resnet_bn"``, ``"resnet_bn_after"``, ...).
 
     Returns:
         An uncompiled functional ``keras.Model``.
@@ -356,86 +279,141 @@ def build_resnet(
     Raises:
         ValueError: an argument is out of range (the message says which).
     """
-    _check_common(norm, bn_position, bn_layer, bn_kwargs, groups)
-    input_shape = _check_image_shape(input_shape)
+    input_shape = _check_image(input_shape, 0.0)
     widths = _check_widths("widths", widths)
-    _check_rates(dropout, weight_decay)
-    if isinstance(blocks_per_stage, bool) or not isinstance(blocks_per_stage, int) \
-            or blocks_per_stage < 1:
-        raise ValueError(
-            f"Expected `blocks_per_stage` to be a positive integer, received {blocks_per_stage!r}."
-        )
-    norms = _Norms(norm, bn_layer, bn_kwargs, groups, synchronized)
-    use_bias = norm is None or bn_position == "after"
-    reg = keras.regularizers.L2(weight_decay) if weight_decay else None
-    suffix = norms.suffix if norm else "norm"
+    n = _Norms(norm, bn_position, activation, bn_layer, bn_kwargs, synchronized)
 
-    def conv(x, f, kernel, stride, layer_name):
-        return keras.layers.Conv2D(f, kernel, strides=stride, padding="same", use_bias=use_bias,
-                                   kernel_initializer=kernel_initializer, kernel_regularizer=reg,
-                                   name=layer_name)(x)
+    def conv(x, f, k, stride, nm):
+        kw = {"use_bias": n.use_bias, "kernel_initializer": kernel_initializer}
+        return keras.layers.Conv2D(f, k, strides=stride, padding="same", name=nm, **kw)(x)
 
-    def norm_act(x, f, prefix, i):
-        return _norm_act(x, norms, bn_position, activation, prefix, f,
-                         norm_name=f"{prefix}_{suffix}{i}", act_name=f"{prefix}_act{i}")
-
-    def block(x, f, stride, prefix):
-        shortcut = x
-        if preact:
-            x = norm_act(x, f, prefix, 0)
-            if stride != 1 or shortcut.shape[-1] != f:
-                shortcut = conv(x, f, 1, stride, f"{prefix}_shortcut")
-            x = conv(x, f, 3, stride, f"{prefix}_conv1")
-            x = norm_act(x, f, prefix, 1)
-            x = conv(x, f, 3, 1, f"{prefix}_conv2")
-            return keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
-        if stride != 1 or shortcut.shape[-1] != f:
-            shortcut = conv(x, f, 1, stride, f"{prefix}_shortcut")
-            if norm:
-                shortcut = norms(f"{prefix}_shortcut_{suffix}", f)(shortcut)
-        x = conv(x, f, 3, stride, f"{prefix}_conv1")
-        x = norm_act(x, f, prefix, 1)
-        x = conv(x, f, 3, 1, f"{prefix}_conv2")
-        out_act = keras.layers.Activation(activation, name=f"{prefix}_out")
-        if norm and bn_position == "after":
-            x = norms(f"{prefix}_{suffix}2", f)(out_act(x))
-            return keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
-        if norm:
-            x = norms(f"{prefix}_{suffix}2", f)(x)
-        return out_act(keras.layers.Add(name=f"{prefix}_add")([shortcut, x]))
+    def norm_act(x, f, prefix, i=""):
+        return n.norm_act(x, prefix, f, f"{prefix}_{n.suffix}{i}", f"{prefix}_act{i}")
 
     inputs = keras.Input(shape=input_shape, name="inputs")
     x = conv(inputs, widths[0], 3, 1, "stem_conv")
-    if not preact:
-        x = _norm_act(x, norms, bn_position, activation, "stem", widths[0],
-                      norm_name=f"stem_{suffix}", act_name="stem_act")
     for s, f in enumerate(widths, start=1):
-        for b in range(1, blocks_per_stage + 1):
-            stride = 2 if (s > 1 and b == 1) else 1
-            x = block(x, f, stride, f"stage{s}_block{b}")
-    if preact:
-        x = _norm_act(x, norms, bn_position, activation, "final", widths[-1],
-                      norm_name=f"final_{suffix}", act_name="final_act")
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    if dropout:
-        x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = _head(x, num_classes, output_activation, kernel_initializer)
-    kind = "resnet" if preact else "resnet_v1"
-    return keras.Model(inputs, outputs, name=name or _default_name(kind, norm, bn_position))
+        for b in (1, 2):
+            p, stride = f"stage{s}_block{b}", 2 if (s > 1 and b == 1) else 1
+            shortcut, x = x, norm_act(x, f, p, 0)
+            if stride != 1 or shortcut.shape[-1] != f:
+                shortcut = conv(x, f, 1, stride, f"{p}_shortcut")
+            x = norm_act(conv(x, f, 3, stride, f"{p}_conv1"), f, p, 1)
+            x = keras.layers.Add(name=f"{p}_add")([shortcut, conv(x, f, 3, 1, f"{p}_conv2")])
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(norm_act(x, widths[-1], "final"))
+    return _model(inputs, x, n, "resnet", name, num_classes, output_activation, kernel_initializer)
 
 
-def _check_image_shape(input_shape: Sequence[int]) -> tuple:
-    shape = tuple(input_shape)
-    if len(shape) != 3 or any(not isinstance(d, int) or d < 1 for d in shape):
-        raise ValueError(
-            "Expected `input_shape` to be (height, width, channels) of positive integers, e.g. "
-            f"(28, 28, 1) or (32, 32, 3); received {input_shape!r}."
-        )
-    return shape
+class _PassThrough(keras.layers.Layer):
+    """Stands in for a removed BN layer; accepts the ``training``/``mask`` arguments BN got."""
+
+    def call(self, inputs, training=None, mask=None):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
 
-def _check_rates(dropout: float, weight_decay: float) -> None:
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"Expected `dropout` in [0, 1), received {dropout!r}.")
-    if weight_decay < 0.0:
-        raise ValueError(f"Expected `weight_decay` >= 0, received {weight_decay!r}.")
+def _without_bn(layer):
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return _PassThrough(name=layer.name)
+    return layer.__class__.from_config(layer.get_config())
+
+
+def build_resnet50(
+    input_shape: Sequence[int] = (64, 64, 3),
+    num_classes: int = 10,
+    norm: str | None = "batch",
+    bn_layer: type[keras.layers.BatchNormalization] | None = None,
+    bn_kwargs: dict | None = None,
+) -> keras.Model:
+    """``keras.applications.ResNet50(weights=None)`` with logits, its BN layers swapped or removed.
+
+    Used by ``benchmarks/bench_bn_layers.py``. Seed first (``bnutils.set_seed``) for fixed weights.
+
+    Args:
+        input_shape: ``(height, width, 3)``, at least 32 x 32.
+        num_classes: output units (logits).
+        norm: ``"batch"`` or ``None`` (each BN replaced by a pass-through layer of its name).
+        bn_layer: a BN subclass every BN layer is rebuilt as (``bnutils.convert_batchnorm``).
+        bn_kwargs: config overrides of the rebuilt BN layers, e.g. ``{"virtual_batch_size": 8}``.
+
+    Returns:
+        An uncompiled functional ``keras.Model``.
+
+    Raises:
+        ValueError: ``norm`` is not ``"batch"`` or ``None``, or BN options come without it.
+    """
+    norm = check_choice("norm", norm, ("batch", None))
+    _Norms(norm, "before", None, bn_layer, bn_kwargs, False)  # checks the BN options
+    kw = {"input_shape": tuple(input_shape), "classes": num_classes, "classifier_activation": None}
+    base = keras.applications.ResNet50(weights=None, **kw)
+    if norm is None:
+        return keras.models.clone_model(base, clone_function=_without_bn)
+    if bn_layer is None and not bn_kwargs:
+        return base
+    from bnutils.layers import convert_batchnorm
+
+    return convert_batchnorm(base, bn_layer or keras.layers.BatchNormalization, **(bn_kwargs or {}))
+
+
+# ---------------------------------------------------------------- tiny BN nets (notebook A1)
+
+
+def small_bn_model(
+    synchronized: bool = False,
+    input_shape: Sequence[int] = (28, 28, 1),
+    num_classes: int = 10,
+    width: int = 8,
+    momentum: float = 0.9,
+    seed: int = 0,
+) -> keras.Model:
+    """``Conv(width) -> bn1 -> ReLU -> MaxPool -> Conv(2 width) -> bn2 -> ReLU -> GAP -> Dense``.
+
+    Logits, seeded initializers: the same ``seed`` gives the same weights under any
+    ``tf.distribute`` strategy. Used in notebook A1 and ``scripts/multiworker_bn.py``.
+
+    Args:
+        synchronized: passed to both BN layers.
+        input_shape, num_classes: image shape ``(H, W, C)`` and logits produced.
+        width: filters of the first convolution.
+        momentum: BN moving-average momentum.
+        seed: initializer seed.
+    """
+    return _small_bn(False, synchronized, input_shape, num_classes, width, momentum, seed)
+
+
+def small_bn_mlp(
+    synchronized: bool = False,
+    input_shape: Sequence[int] = (28, 28, 1),
+    num_classes: int = 10,
+    width: int = 64,
+    momentum: float = 0.99,
+    seed: int = 0,
+) -> keras.Model:
+    """``Flatten -> (Dense(width) -> BN -> ReLU) x 2 -> Dense``, logits, seeded initializers.
+
+    After a dense layer BN estimates each feature's statistics from the batch alone, so a small
+    per-replica batch makes them noisy: where synchronizing matters most. Used in notebook A1.
+
+    Args:
+        synchronized, input_shape, num_classes, momentum, seed: as in :func:`small_bn_model`.
+        width: units of both hidden layers.
+    """
+    return _small_bn(True, synchronized, input_shape, num_classes, width, momentum, seed)
+
+
+def _small_bn(dense, synchronized, input_shape, num_classes, width, momentum, seed):
+    L, init = keras.layers, keras.initializers.GlorotUniform
+    inputs = keras.Input(shape=tuple(input_shape))
+    h = L.Flatten()(inputs) if dense else inputs
+    for i in (1, 2):
+        kw = {"use_bias": False, "kernel_initializer": init(seed + i)}
+        h = L.Dense(width, **kw)(h) if dense else L.Conv2D(i * width, 3, padding="same", **kw)(h)
+        h = L.BatchNormalization(momentum=momentum, synchronized=synchronized, name=f"bn{i}")(h)
+        h = L.ReLU()(h)
+        if not dense:
+            h = L.MaxPooling2D()(h) if i == 1 else L.GlobalAveragePooling2D()(h)
+    outputs = L.Dense(num_classes, kernel_initializer=init(seed + 3))(h)
+    kind = "mlp" if dense else "cnn"
+    return keras.Model(inputs, outputs, name=f"small_{kind}_{'syncbn' if synchronized else 'bn'}")

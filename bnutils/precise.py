@@ -1,500 +1,224 @@
-"""Precise BN: re-estimate every BatchNormalization layer's moving statistics exactly.
+"""Precise BN: re-estimate BatchNormalization moving statistics exactly, with the weights frozen.
 
-A BN layer's moving mean and variance are an exponential moving average (EMA) of batch
-statistics taken while the weights were still changing. After a short run, or with a
-momentum close to 1, they lag behind what the trained network actually feeds the layer.
-"Precise BN" (Wu & Johnson, *Rethinking "Batch" in BatchNorm*, 2021; fvcore's
-``update_bn_stats``) replaces the EMA with a true population estimate, with the weights
-frozen:
-
-1. run the model forward in **training mode** (``training=True``) on ``num_batches``
-   batches, exactly as fvcore does, so every BN layer sees the inputs it saw in training
-   (earlier BN layers normalize with their batch statistics, Dropout is active);
-2. record, for every BN layer, the per-batch mean and variance of its input over all axes
-   but the channel axis;
-3. pool them into the population mean and variance and write those into
-   ``moving_mean`` / ``moving_variance``.
-
-In training mode a BN layer's output does not depend on its moving statistics, so one pass
-collects the statistics of every layer at once, in any order. Layers that run in inference
-mode during that pass (frozen ones named in ``layers``, or a BN that a custom layer calls
-with ``training=False``) do depend on them: for those a further pass is made with the new
-values, until nothing downstream changes.
-
-**Variance.** The default, ``variance="pooled"``, is the exact population variance of the
-layer's input over all values seen, ``E[x^2] - E[x]^2`` pooled across batches (merged with
-Chan's parallel formula in float64 to avoid cancellation). It equals the average of the
-per-batch variances plus the variance of the per-batch means. ``variance="batch_mean"`` is
-fvcore's choice, the average of the per-batch variances (weighted by the number of values
-in each batch), which is what an EMA with an exact-average momentum would hold. Both are
-biased (divide by the count), like Keras's own moments.
-
-Nothing else changes: all variables (trainable weights, other layers' state such as
-random-seed generators, the moving statistics of BN layers not recalibrated) are restored
-after the passes.
+The moving mean and variance are an exponential moving average of batch statistics taken while
+the weights were still changing: after a short run, or with a momentum close to 1, they lag
+behind what the trained network feeds the layer. Precise BN (Wu & Johnson, *Rethinking "Batch"
+in BatchNorm*, 2021; fvcore's ``update_bn_stats``) runs the model in training mode, records each
+BN layer's per-batch input mean and variance (every axis but the channel axis, masks respected)
+and writes their population values into ``moving_mean`` / ``moving_variance``. One pass measures
+every layer (in training mode BN ignores its moving statistics); a recalibrated layer that runs
+in inference mode (frozen and named in ``layers``) gets further passes until nothing changes.
+All other variables are restored. Edge cases are the caller's, as in fvcore: use the training
+batch size and data like the training data. Used in notebooks 06 and A2.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
+
+from bnutils._graph import find_batchnorm_layers
+from bnutils._util import check_choice, check_positive_int, preserved_state
 
 __all__ = [
     "BatchNormInputStats",
     "LayerRecalibration",
     "RecalibrationReport",
     "batchnorm_input_statistics",
-    "find_batchnorm_layers",
     "recalibrate_batchnorm",
 ]
-
-_VARIANCE_MODES = ("pooled", "batch_mean")
-
-
-# ------------------------------------------------------------------ finding BN layers
-
-
-def _children(layer) -> list:
-    import keras
-
-    if isinstance(layer, keras.Model):
-        return list(layer.layers)
-    return list(getattr(layer, "_layers", []) or [])
-
-
-def find_batchnorm_layers(model) -> list[tuple[str, Any]]:
-    """Every ``keras.layers.BatchNormalization`` (or subclass) inside ``model``, nested included.
-
-    Args:
-        model: a Keras model or layer (Sequential, Functional, subclassed, nested).
-
-    Returns:
-        ``(path, layer)`` pairs in forward order where the model exposes it (``model.layers``),
-        ``path`` being the layer names from the outermost model down, joined by ``/``.
-
-    Raises:
-        TypeError: ``model`` is not a Keras layer or model.
-    """
-    import keras
-
-    if not isinstance(model, keras.layers.Layer):
-        raise TypeError(
-            f"Expected a Keras model or layer, received an object of type "
-            f"{type(model).__name__}. Pass the `keras.Model` whose BatchNormalization layers "
-            "you want to inspect."
-        )
-    found: list[tuple[str, Any]] = []
-    seen: set[int] = set()
-
-    def visit(layer, prefix: str) -> None:
-        for child in _children(layer):
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            path = f"{prefix}{child.name}"
-            if isinstance(child, keras.layers.BatchNormalization):
-                found.append((path, child))
-            visit(child, path + "/")
-
-    visit(model, "")
-    return found
 
 
 def _select_layers(model, layers) -> tuple[list[tuple[str, Any]], list[str]]:
     """The BN layers to recalibrate, and the paths of frozen ones skipped by default."""
     all_bn = find_batchnorm_layers(model)
     if layers is None:
-        chosen = [(p, lay) for p, lay in all_bn if lay.trainable]
-        skipped = [p for p, lay in all_bn if not lay.trainable]
-        return chosen, skipped
+        return [(p, b) for p, b in all_bn if b.trainable], [p for p, b in all_bn if not b.trainable]
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
         layers = [layers]
-    by_id = {id(lay): (p, lay) for p, lay in all_bn}
-    chosen = []
+    chosen = {}
     for item in layers:
-        if isinstance(item, str):
-            match = [(p, lay) for p, lay in all_bn if item in (p, lay.name)]
-            if not match:
-                raise ValueError(
-                    f"No BatchNormalization layer named {item!r} in model {model.name!r}. "
-                    f"Expected one of {[p for p, _ in all_bn]}."
-                )
-            chosen.extend(match)
-        elif id(item) in by_id:
-            chosen.append(by_id[id(item)])
-        else:
+        named = isinstance(item, str)
+        match = [(p, b) for p, b in all_bn if (item in (p, b.name) if named else b is item)]
+        if not match:
+            what = f"Received {item!r} in `layers`, which is not a BatchNormalization layer"
+            what = f"No BatchNormalization layer named {item!r}" if named else what
             raise ValueError(
-                f"Received {item!r} in `layers`, which is not a BatchNormalization layer of "
-                f"model {model.name!r}. Pass layer names or layer objects from "
+                f"{what} in model {model.name!r}. Pass layer names or layer objects from "
                 f"{[p for p, _ in all_bn]}."
             )
-    unique = list({id(lay): (p, lay) for p, lay in chosen}.values())
-    return unique, []
-
-
-# ------------------------------------------------------------------ batching the data
-
-
-def _first(structure):
-    """``x`` from a batch that may be ``x``, ``(x, y)`` or ``(x, y, sample_weight)``."""
-    if isinstance(structure, (tuple, list)) and len(structure) in (2, 3):
-        return structure[0]
-    return structure
+        chosen.update({id(b): (p, b) for p, b in match})
+    return list(chosen.values()), []
 
 
 def _num_examples(x) -> int:
-    import tensorflow as tf
-
-    leaves = tf.nest.flatten(x)
-    n = {int(np.shape(leaf)[0]) for leaf in leaves}
-    if len(n) != 1:
-        raise ValueError(
-            f"The inputs have different numbers of examples {sorted(n)}; expected every "
-            "input array to have the same first dimension."
-        )
-    return n.pop()
+    return int(np.shape(tf.nest.flatten(x)[0])[0])
 
 
-def _is_array_like(data) -> bool:
-    import tensorflow as tf
-
+def _is_arrays(data) -> bool:
     leaves = tf.nest.flatten(data)
-    return bool(leaves) and all(
-        isinstance(leaf, (np.ndarray, tf.Tensor)) or hasattr(leaf, "__array__") for leaf in leaves
-    )
+    return bool(leaves) and all(hasattr(leaf, "__array__") for leaf in leaves)
 
 
-def _array_batches(x, batch_size, num_batches, shuffle, seed, drop_remainder):
-    import tensorflow as tf
-
-    n = _num_examples(x)
-    if n == 0:
-        raise ValueError("Received empty data (0 examples); expected at least one example.")
-    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-    size = min(batch_size, n)
-    stop = (n // size) * size if drop_remainder else n
-    starts = range(0, stop, size)
-    if num_batches is not None:
-        starts = list(starts)[:num_batches]
-    for s in starts:
-        idx = order[s : s + size]
-        yield tf.nest.map_structure(lambda a, idx=idx: np.asarray(a)[idx], x)
-
-
-def _batches(data, batch_size, num_batches, shuffle, seed, drop_remainder=False):
-    """Yield input batches from arrays, ``(x, y)`` tuples, a ``tf.data.Dataset`` or an iterable.
-
-    A tuple or list of 2 or 3 arrays of equal length is read as ``(x, y[, sample_weight])``;
-    a dict of arrays is one multi-input ``x``.
-    """
-    import tensorflow as tf
-
-    if (
-        isinstance(data, (tuple, list))
-        and len(data) in (2, 3)
-        and all(_is_array_like(d) for d in data)
-        and len({_num_examples(d) for d in data}) == 1
-    ):
-        data = data[0]
-    if isinstance(data, (np.ndarray, tf.Tensor, dict)) and _is_array_like(data):
-        yield from _array_batches(data, batch_size, num_batches, shuffle, seed, drop_remainder)
-        return
+def _batches(data, batch_size, num_batches, shuffle=False, seed=0, drop_remainder=False) -> list:
+    """Input batches from arrays, ``(x, y[, w])``, a dict of arrays, a Dataset or an iterable."""
+    if isinstance(data, (tuple, list)) and len(data) in (2, 3) and all(map(_is_arrays, data)):
+        data = data[0]  # (x, y) or (x, y, sample_weight)
+    if isinstance(data, (np.ndarray, tf.Tensor, dict)) and _is_arrays(data):
+        n = _num_examples(data)
+        if n == 0:
+            raise ValueError("Received empty data (0 examples); expected at least one example.")
+        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+        size = min(batch_size, n)
+        stop = n - n % size if drop_remainder else n
+        cuts = [order[s : s + size] for s in range(0, stop, size)][:num_batches]
+        return [tf.nest.map_structure(lambda a, i=i: np.asarray(a)[i], data) for i in cuts]
     if not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
+        kind = type(data).__name__
         raise TypeError(
-            f"Expected `data` to be a NumPy array, a tuple (x, y), a tf.data.Dataset or an "
-            f"iterable of batches, received an object of type {type(data).__name__}."
+            f"Expected `data` as arrays, (x, y), a Dataset or batches; received {kind}."
         )
-    for i, batch in enumerate(data):
-        if num_batches is not None and i >= num_batches:
-            break
-        yield _first(batch)
-
-
-# ------------------------------------------------------------------ collecting statistics
+    batches = list(itertools.islice(data, num_batches))
+    return [b[0] if isinstance(b, (tuple, list)) and len(b) in (2, 3) else b for b in batches]
 
 
 @dataclasses.dataclass
 class BatchNormInputStats:
-    """Population statistics of one BN layer's input, pooled over the batches seen.
-
-    Attributes:
-        path: the layer's path in the model (``outer/inner/name``).
-        layer: the layer itself.
-        mean: per-channel mean of the input.
-        variance: per-channel population variance (``variance="pooled"``) or average batch
-            variance (``variance="batch_mean"``).
-        count: values per channel that went into the estimate.
-        num_batches: forward passes (calls of the layer) seen.
-        used_batch_stats: whether the layer normalized with its batch statistics in those
-            calls (``True``: training mode; ``False``: moving statistics; ``None``: mixed or
-            not known).
-    """
+    """One BN layer's input statistics over the batches seen: ``path`` (``outer/inner/name``),
+    ``layer``, per-channel ``mean`` and population ``variance``, ``count`` (values per channel)
+    and ``used_batch_stats`` (``True``: training mode; ``False``: moving statistics; ``None``:
+    mixed or not known)."""
 
     path: str
     layer: Any
     mean: np.ndarray
     variance: np.ndarray
     count: int
-    num_batches: int
     used_batch_stats: bool | None
 
 
-class _Accumulator:
-    """Chan's parallel merge of per-batch (count, mean, M2) plus the sum of batch variances."""
-
-    def __init__(self):
-        self.n = 0.0
-        self.mean = None
-        self.m2 = None
-        self.var_sum = None  # sum of count * batch variance
-        self.calls = 0
-        self.modes: set[bool | None] = set()
-
-    def add(self, n: float, mean: np.ndarray, var: np.ndarray, mode: bool | None) -> None:
-        mean = mean.astype(np.float64)
-        var = var.astype(np.float64)
-        self.calls += 1
-        self.modes.add(mode)
-        if self.mean is None:
-            self.n, self.mean, self.m2, self.var_sum = n, mean, var * n, var * n
-            return
-        total = self.n + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + var * n + delta**2 * (self.n * n / total)
-        self.var_sum = self.var_sum + var * n
-        self.n = total
-
-    def result(self, variance: str) -> tuple[np.ndarray, np.ndarray]:
-        if variance == "pooled":
-            return self.mean, self.m2 / self.n
-        return self.mean, self.var_sum / self.n
-
-
-def _bind(orig, args, kwargs) -> dict:
-    try:
-        return inspect.signature(orig).bind_partial(*args, **kwargs).arguments
-    except TypeError:
-        return dict(kwargs, inputs=args[0] if args else None)
-
-
-def _layer_moments(layer, inputs, mask):
+def _moments(layer, inputs, mask):
     """Per-channel (count, mean, biased variance) of one call's input, as tensors."""
-    import tensorflow as tf
-
     x = tf.cast(inputs, tf.float32)
     rank = len(x.shape)
-    axes_attr = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-    keep = sorted({a % rank for a in axes_attr})
-    reduce_axes = [a for a in range(rank) if a not in keep]
-    if mask is not None:
-        w = tf.cast(mask, tf.float32)
-        for a in keep:
-            w = tf.expand_dims(w, a)
-        w = tf.broadcast_to(w, tf.shape(x))
-        mean, var = tf.nn.weighted_moments(x, reduce_axes, w)
-        count = tf.reduce_sum(w) / tf.cast(tf.reduce_prod([tf.shape(x)[a] for a in keep]),
-                                           tf.float32)
+    keep = layer.axis % rank
+    axes = [a for a in range(rank) if a != keep]
+    if mask is None:
+        mean, var = tf.nn.moments(x, axes)
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float32)
     else:
-        mean, var = tf.nn.moments(x, reduce_axes)
-        count = tf.cast(tf.reduce_prod([tf.shape(x)[a] for a in reduce_axes]), tf.float32)
+        w = tf.broadcast_to(tf.expand_dims(tf.cast(mask, tf.float32), keep), tf.shape(x))
+        mean, var = tf.nn.weighted_moments(x, axes, w)
+        count = tf.reduce_sum(w) / tf.cast(tf.shape(x)[keep], tf.float32)
     return count, tf.reshape(mean, [-1]), tf.reshape(var, [-1])
 
 
-def _wrap(layer, orig, key: int, records: list, meta: list):
+def _wrap(layer, call, records: list, meta: list):
+    """``layer.call`` that records the moments of its input (and whether it used them)."""
+
     def wrapped(*args, **kwargs):
-        bound = _bind(orig, args, kwargs)
-        inputs = bound.get("inputs", args[0] if args else None)
+        bound = inspect.signature(call).bind_partial(*args, **kwargs).arguments
         training = bound.get("training")
-        if isinstance(training, (bool, np.bool_)) or training is None:
-            mode: bool | None = bool(training) and bool(layer.trainable)
-        else:  # a symbolic boolean: not known when tracing
-            mode = None
-        count, mean, var = _layer_moments(layer, inputs, bound.get("mask"))
-        records.append((count, mean, var))
-        meta.append((key, mode))
-        return orig(*args, **kwargs)
+        known = training is None or isinstance(training, (bool, np.bool_))  # else symbolic
+        records.append(_moments(layer, next(iter(bound.values())), bound.get("mask")))
+        meta.append((id(layer), bool(training) and bool(layer.trainable) if known else None))
+        return call(*args, **kwargs)
 
     return wrapped
 
 
-def _snapshot(model) -> list[tuple[Any, np.ndarray]]:
-    return [(v, np.array(v.numpy(), copy=True)) for v in model.variables]
-
-
-def _restore(snapshot) -> None:
-    for v, value in snapshot:
-        v.assign(value)
-
-
-def _collect(model, targets: Sequence[tuple[str, Any]], batches, training: bool):
-    """One pass over ``batches``: an accumulator per target layer, keyed by ``id(layer)``.
-
-    The model's variables are restored afterwards (a training-mode pass updates the moving
-    statistics and any seed generator).
-    """
-    import tensorflow as tf
-
+def _collect(model, targets, batches, training) -> tuple[dict, int]:
+    """One pass over ``batches``: per target ``id(layer)``, its calls' ``(count, mean, var)``
+    in float64 and the modes seen; and the number of examples. Variables are restored after."""
     records: list = []
     meta: list = []
-    originals = {}
-    for _, layer in targets:
-        if id(layer) in originals:
-            continue
-        originals[id(layer)] = ("call" in vars(layer), vars(layer).get("call"))
-        object.__setattr__(layer, "call", _wrap(layer, layer.call, id(layer), records, meta))
+    saved = {id(b): (b, vars(b).get("call")) for _, b in targets}
+    for _, b in targets:
+        object.__setattr__(b, "call", _wrap(b, b.call, records, meta))
 
     def forward(x):
         records.clear()
         meta.clear()
-        # A valid root scope: Keras names a model after its class, and a name such as
-        # "_net" is not a valid root name scope inside a tf.function.
+        # A valid root name scope: a model named like "_net" is not one inside a tf.function.
         with tf.name_scope("bn_statistics"):
             model(x, training=training)
         return list(records)
 
     step = tf.function(forward, reduce_retracing=True)
-    accs = {id(layer): _Accumulator() for _, layer in targets}
-    snapshot = _snapshot(model)
-    n_batches = 0
+    found = {key: ([], set()) for key in saved}
     n_examples = 0
     try:
-        for x in batches:
-            out = step(x)
-            info = list(meta)
-            for (key, mode), (count, mean, var) in zip(info, out, strict=True):
-                accs[key].add(float(count), mean.numpy(), var.numpy(), mode)
-            n_batches += 1
-            n_examples += _num_examples(x)
+        with preserved_state(model):
+            for x in batches:
+                out = step(x)
+                for (key, mode), (count, mean, var) in zip(list(meta), out, strict=True):
+                    found[key][0].append((float(count), mean.numpy(), var.numpy()))
+                    found[key][1].add(mode)
+                n_examples += _num_examples(x)
     finally:
-        _restore(snapshot)
-        for _, layer in targets:
-            had, value = originals.get(id(layer), (False, None))
-            if id(layer) not in originals:
-                continue
-            if had:
-                object.__setattr__(layer, "call", value)
-            else:
+        for layer, call in saved.values():
+            if call is None:
                 object.__delattr__(layer, "call")
-            originals.pop(id(layer))
-    return accs, n_batches, n_examples
+            else:
+                object.__setattr__(layer, "call", call)
+    return found, n_examples
 
 
-def _to_stats(targets, accs, variance: str, model_name: str, strict: bool = True):
+def _stats(targets, found, variance: str = "pooled") -> list[BatchNormInputStats]:
+    """Pool each called target's per-call moments: exact mean, ``variance`` as chosen."""
     out = []
     for path, layer in targets:
-        acc = accs[id(layer)]
-        if acc.mean is None and not strict:
+        calls, modes = found[id(layer)]
+        if not calls:
             continue
-        if acc.mean is None:
-            raise RuntimeError(
-                f"BatchNormalization layer {path!r} was never called while running model "
-                f"{model_name!r} on the data, so its input statistics cannot be measured. "
-                "Expected every BN layer to be on the model's forward path; remove unused "
-                "layers or pass `layers=` naming only the used ones."
-            )
-        mean, var = acc.result(variance)
-        mode = next(iter(acc.modes)) if len(acc.modes) == 1 else None
-        out.append(
-            BatchNormInputStats(path, layer, mean, var, int(acc.n), acc.calls, mode)
-        )
+        n = np.array([c[0] for c in calls], np.float64)[:, None]
+        means = np.stack([c[1] for c in calls]).astype(np.float64)
+        w = n / n.sum()
+        mean = (w * means).sum(0)
+        var = (w * np.stack([c[2] for c in calls]).astype(np.float64)).sum(0)
+        if variance == "pooled":  # plus the variance of the batch means
+            var = var + (w * (means - mean) ** 2).sum(0)
+        mode = next(iter(modes)) if len(modes) == 1 else None
+        out.append(BatchNormInputStats(path, layer, mean, var, int(n.sum()), mode))
     return out
 
 
-def _check_common(model, batch_size, num_batches, variance):
-    import keras
-
-    if not isinstance(model, keras.layers.Layer):
-        raise TypeError(
-            f"Expected a Keras model, received an object of type {type(model).__name__}."
-        )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 2:
-        raise ValueError(
-            f"batch_size must be an integer >= 2 (batch statistics of a single example are "
-            f"meaningless), received {batch_size!r}."
-        )
-    if num_batches is not None and (
-        isinstance(num_batches, bool) or not isinstance(num_batches, (int, np.integer))
-        or num_batches < 1
-    ):
-        raise ValueError(f"num_batches must be a positive integer or None, received {num_batches!r}.")
-    if variance not in _VARIANCE_MODES:
-        raise ValueError(f"variance must be one of {list(_VARIANCE_MODES)}, received {variance!r}.")
-
-
 def batchnorm_input_statistics(
-    model,
-    data,
-    training: bool | None = False,
-    batch_size: int = 128,
-    num_batches: int | None = None,
-    layers=None,
-    variance: str = "pooled",
-    shuffle: bool = False,
-    seed: int = 0,
-    strict: bool = True,
+    model, data, training: bool | None = False, batch_size: int = 128, layers=None
 ) -> list[BatchNormInputStats]:
-    """Measure the statistics of every BN layer's input when ``model`` runs on ``data``.
-
-    With ``training=False`` this is what each layer really receives at inference (every
-    earlier BN normalizing with its moving statistics); compare it with the layer's
-    ``moving_mean`` / ``moving_variance`` to see how far they are off. The model's
-    variables are left exactly as they were.
+    """The statistics of each BN layer's input when ``model`` runs on ``data`` (the doctor's
+    measurement; with ``training=False``: what each layer receives at inference). Variables are
+    left as they were.
 
     Args:
         model: a built Keras model.
-        data: inputs ``x`` (array or structure of arrays), ``(x, y)``, a ``tf.data.Dataset``
-            or any iterable of batches.
-        training: the ``training`` flag of the forward passes (``None``: no flag, as in a
-            plain ``model(x)``).
-        batch_size: examples per batch when ``data`` holds arrays.
-        num_batches: at most this many batches (``None``: all).
-        layers: BN layers (objects or names) to measure; ``None``: all of them.
-        variance: ``"pooled"`` or ``"batch_mean"`` (see the module docstring).
-        shuffle: shuffle arrays (seeded) before batching.
-        seed: the shuffle seed.
-        strict: raise when a BN layer is never called on the forward path; with
-            ``False`` such layers are left out of the result.
+        data: as in :func:`recalibrate_batchnorm` (a last, smaller batch is kept here).
+        training: the ``training`` flag of the passes (``None``: none, as in ``model(x)``).
+        batch_size, layers: as in :func:`recalibrate_batchnorm` (``layers=None``: every BN).
 
     Returns:
-        A :class:`BatchNormInputStats` per layer that was called, in forward order.
-
-    Raises:
-        RuntimeError: with ``strict=True``, a BN layer was never called.
+        A :class:`BatchNormInputStats` per called layer, in forward order.
     """
-    _check_common(model, batch_size, num_batches, variance)
-    if layers is None:
-        targets = find_batchnorm_layers(model)
-    else:
-        targets, _ = _select_layers(model, layers)
+    check_positive_int("batch_size", batch_size, minimum=2)
+    targets = find_batchnorm_layers(model) if layers is None else _select_layers(model, layers)[0]
     if not targets:
         return []
-    accs, _, _ = _collect(
-        model, targets, _batches(data, int(batch_size), num_batches, shuffle, seed), training
-    )
-    return _to_stats(targets, accs, variance, model.name, strict)
-
-
-# ------------------------------------------------------------------ recalibration
+    found, _ = _collect(model, targets, _batches(data, int(batch_size), None), training)
+    return _stats(targets, found)
 
 
 @dataclasses.dataclass
 class LayerRecalibration:
-    """Old and new moving statistics of one recalibrated BN layer.
-
-    Attributes:
-        path: the layer's path in the model.
-        old_mean, old_variance: the moving statistics before.
-        new_mean, new_variance: the population statistics written.
-        count: values per channel behind the estimate.
-        mean_gap: largest ``|new_mean - old_mean| / sqrt(new_variance + epsilon)`` over
-            channels, in standard deviations of the layer's input.
-        variance_ratio: largest ``max(r, 1 / r)`` over channels, with
-            ``r = (old_variance + eps) / (new_variance + eps)`` (1.0: unchanged).
+    """Old and new moving statistics of one recalibrated BN layer (``path``), the ``count`` of
+    values per channel behind them, and over channels: ``max_mean_gap``, the largest
+    ``|new_mean - old_mean| / sqrt(new_variance + eps)`` (std of the input), and
+    ``max_variance_ratio``, the largest ``max(r, 1/r)``, ``r = (old_var + eps) / (new_var + eps)``.
     """
 
     path: str
@@ -503,23 +227,15 @@ class LayerRecalibration:
     new_mean: np.ndarray
     new_variance: np.ndarray
     count: int
-    mean_gap: float
-    variance_ratio: float
+    max_mean_gap: float
+    max_variance_ratio: float
 
 
 @dataclasses.dataclass
 class RecalibrationReport:
-    """What :func:`recalibrate_batchnorm` changed.
-
-    Attributes:
-        layers: one :class:`LayerRecalibration` per recalibrated layer, in forward order.
-        skipped: paths of frozen (``trainable=False``) BN layers left alone.
-        num_batches: batches run per pass.
-        num_examples: examples run per pass.
-        passes: forward passes over the batches (more than 1 only when some recalibrated
-            layer runs in inference mode inside the model).
-        variance: how variances were pooled (``"pooled"`` or ``"batch_mean"``).
-    """
+    """What :func:`recalibrate_batchnorm` changed: a :class:`LayerRecalibration` per layer in
+    forward order, the paths of frozen layers ``skipped``, batches and examples per pass, the
+    ``passes`` (more than 1 when a recalibrated layer runs in inference mode) and ``variance``."""
 
     layers: list[LayerRecalibration]
     skipped: list[str]
@@ -530,27 +246,24 @@ class RecalibrationReport:
 
     @property
     def max_mean_gap(self) -> float:
-        """The largest mean gap over all layers (0.0 when there are none)."""
-        return max((r.mean_gap for r in self.layers), default=0.0)
+        """The largest per-channel mean gap over all layers (0.0 when there are none)."""
+        return max((r.max_mean_gap for r in self.layers), default=0.0)
 
     def to_dicts(self) -> list[dict]:
-        """One plain dict per layer (path, count, mean_gap, variance_ratio)."""
-        return [
-            {"layer": r.path, "count": r.count, "mean_gap": r.mean_gap,
-             "variance_ratio": r.variance_ratio}
-            for r in self.layers
-        ]
+        """One plain dict per layer (layer, count, max_mean_gap, max_variance_ratio)."""
+        keys = ("count", "max_mean_gap", "max_variance_ratio")
+        return [{"layer": r.path, **{k: getattr(r, k) for k in keys}} for r in self.layers]
 
     def __str__(self) -> str:
-        width = max([len("layer")] + [len(r.path) for r in self.layers])
+        w = max([len("layer")] + [len(r.path) for r in self.layers])
         lines = [
             f"Precise BN: {len(self.layers)} layer(s) recalibrated on {self.num_batches} "
             f"batch(es), {self.num_examples} examples, {self.passes} pass(es), "
             f"variance={self.variance!r}",
-            f"{'layer':<{width}}  {'mean gap (std)':>14}  {'variance ratio':>14}",
+            f"{'layer':<{w}}  {'max mean gap (std)':>18}  {'max variance ratio':>18}",
         ]
         for r in self.layers:
-            lines.append(f"{r.path:<{width}}  {r.mean_gap:>14.3f}  {r.variance_ratio:>14.3f}")
+            lines.append(f"{r.path:<{w}}  {r.max_mean_gap:>18.3f}  {r.max_variance_ratio:>18.3f}")
         if self.skipped:
             lines.append("skipped (trainable=False): " + ", ".join(self.skipped))
         return "\n".join(lines)
@@ -559,9 +272,8 @@ class RecalibrationReport:
 def _assign(layer, mean: np.ndarray, var: np.ndarray) -> None:
     layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
     layer.moving_variance.assign(var.astype(layer.moving_variance.dtype))
-    if getattr(layer, "renorm", False) and hasattr(layer, "moving_stddev"):
-        std = np.sqrt(var + layer.epsilon)
-        layer.moving_stddev.assign(std.astype(layer.moving_stddev.dtype))
+    if getattr(layer, "renorm", False):  # Keras derives the variance from moving_stddev
+        layer.moving_stddev.assign(np.sqrt(var + layer.epsilon).astype(layer.moving_stddev.dtype))
 
 
 def recalibrate_batchnorm(
@@ -576,25 +288,23 @@ def recalibrate_batchnorm(
 ) -> RecalibrationReport:
     """Precise BN: replace the moving statistics by population statistics, weights frozen.
 
-    Runs the model in training mode on ``num_batches`` batches of ``data`` (as fvcore's
-    ``update_bn_stats``), pools each BN layer's per-batch input statistics, and writes the
-    result into ``moving_mean`` and ``moving_variance``. Trainable weights and every other
-    variable are left as they were. Use the batch size the model was trained with: deeper
-    layers' inputs depend on it through the earlier layers' batch statistics.
+    Use the training batch size: deeper layers' inputs depend on it through the earlier
+    layers' batch statistics. Every variable but the new moving statistics is left as it was.
+
+    >>> report = recalibrate_batchnorm(model, x_train, batch_size=64)
+    >>> print(report)  # per layer: how far the old moving statistics were off
 
     Args:
         model: a built Keras model (Sequential, Functional, subclassed or nested).
         data: training inputs ``x`` (array or structure of arrays), ``(x, y)``, a
-            ``tf.data.Dataset`` or any iterable of batches (``x`` or ``(x, y[, w])``).
-        num_batches: at most this many batches (``None``: one pass over all of ``data``).
-            Arrays are cut into ``batch_size`` batches; a last, smaller batch is dropped.
+            ``tf.data.Dataset`` or an iterable of batches (``x`` or ``(x, y[, w])``).
+        num_batches: at most this many batches (``None``: all of ``data`` once). Arrays are
+            cut into ``batch_size`` batches; a last, smaller batch is dropped.
         batch_size: examples per batch when ``data`` holds arrays.
         layers: BN layers (objects or names) to recalibrate; ``None``: every BN layer with
             ``trainable=True`` (frozen ones keep their statistics and run in inference mode).
-        variance: ``"pooled"`` (exact population variance, default) or ``"batch_mean"``
-            (average of batch variances, fvcore's choice).
-        shuffle: shuffle arrays (seeded) before batching, so that batches are random samples.
-        seed: the shuffle seed.
+        variance: ``"pooled"`` (population variance) or ``"batch_mean"`` (fvcore's choice).
+        shuffle, seed: shuffle arrays (seeded) before batching.
 
     Returns:
         A :class:`RecalibrationReport` with the old and new statistics of each layer.
@@ -602,50 +312,42 @@ def recalibrate_batchnorm(
     Raises:
         TypeError: ``model`` is not a Keras model, or ``data`` is of an unsupported type.
         ValueError: bad ``batch_size``, ``num_batches``, ``variance`` or ``layers``.
+        RuntimeError: a layer to recalibrate is never called on the forward path.
     """
-    _check_common(model, batch_size, num_batches, variance)
+    check_positive_int("batch_size", batch_size, minimum=2)  # one example has no batch stats
+    if num_batches is not None:
+        check_positive_int("num_batches", num_batches)
+    check_choice("variance", variance, ("pooled", "batch_mean"))
     targets, skipped = _select_layers(model, layers)
     if not targets:
         return RecalibrationReport([], skipped, 0, 0, 0, variance)
-    old = {
-        id(lay): (np.array(lay.moving_mean.numpy(), np.float64),
-                  np.array(lay.moving_variance.numpy(), np.float64))
-        for _, lay in targets
-    }
-    # Materialize the batches once: later passes must see the same ones.
-    batches = list(_batches(data, int(batch_size), num_batches, shuffle, seed, True))
+    old = {id(b): (b.moving_mean.numpy(), b.moving_variance.numpy()) for _, b in targets}
+    # Materialized once: every pass must see the same batches.
+    batches = _batches(data, int(batch_size), num_batches, shuffle, seed, drop_remainder=True)
     if not batches:
         raise ValueError("`data` yielded no batches; expected at least one batch of inputs.")
-    passes = 0
-    n_inference = None
-    while True:
-        accs, n_batches, n_examples = _collect(model, targets, batches, training=True)
-        passes += 1
-        stats = _to_stats(targets, accs, variance, model.name)
+    for passes in itertools.count(1):
+        found, n_examples = _collect(model, targets, batches, training=True)
+        stats = _stats(targets, found, variance)
+        unused = [p for p, b in targets if not found[id(b)][0]]
+        if unused:
+            raise RuntimeError(
+                f"BatchNormalization layer(s) {unused} of model {model.name!r} were never called "
+                "on the data: expected BN layers on the forward path; pass `layers=` the used ones."
+            )
         for s in stats:
             _assign(s.layer, s.mean, s.variance)
-        inference_mode = [s for s in stats if s.used_batch_stats is not True]
-        if n_inference is None:
-            n_inference = len(inference_mode)
         # Layers in inference mode feed their new statistics forward: repeat until settled.
-        if not inference_mode or passes > n_inference:
+        if passes > sum(s.used_batch_stats is not True for s in stats):
             break
     results = []
     for s in stats:
-        old_mean, old_var = old[id(s.layer)]
-        eps = float(getattr(s.layer, "epsilon", 1e-3))
+        old_mean, old_var = (np.asarray(a, np.float64) for a in old[id(s.layer)])
+        eps = float(s.layer.epsilon)
         gap = np.abs(s.mean - old_mean) / np.sqrt(s.variance + eps)
         ratio = (old_var + eps) / (s.variance + eps)
         results.append(
-            LayerRecalibration(
-                path=s.path,
-                old_mean=old_mean,
-                old_variance=old_var,
-                new_mean=s.mean,
-                new_variance=s.variance,
-                count=s.count,
-                mean_gap=float(gap.max()),
-                variance_ratio=float(np.maximum(ratio, 1.0 / ratio).max()),
-            )
-        )
-    return RecalibrationReport(results, skipped, n_batches, n_examples, passes, variance)
+            LayerRecalibration(s.path, old_mean, old_var, s.mean, s.variance, s.count,
+                               float(gap.max()), float(np.maximum(ratio, 1 / ratio).max()))
+        )  # fmt: skip
+    return RecalibrationReport(results, skipped, len(batches), n_examples, passes, variance)

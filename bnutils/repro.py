@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 
 import numpy as np
 
@@ -11,14 +10,14 @@ __all__ = ["set_seed"]
 
 
 def set_seed(seed: int = 0, deterministic: bool = True) -> None:
-    """Seed Python, NumPy, TensorFlow and Keras; optionally turn on op determinism.
+    """Seed Python, NumPy, TensorFlow and Keras; optionally turn on TensorFlow op determinism.
 
-    With ``deterministic=True`` the same seed gives the same numbers on CPU (TensorFlow's
-    op determinism; some GPU ops then raise instead of running non-deterministically).
+    Used in every notebook's Setup cell and before each experiment.
 
     Args:
         seed: a non-negative integer.
-        deterministic: also call ``tf.config.experimental.enable_op_determinism()``.
+        deterministic: also call ``tf.config.experimental.enable_op_determinism()`` (the same
+            seed then gives the same numbers on CPU; some GPU ops raise instead).
 
     Raises:
         ValueError: ``seed`` is not a non-negative integer.
@@ -28,10 +27,7 @@ def set_seed(seed: int = 0, deterministic: bool = True) -> None:
     import keras
     import tensorflow as tf
 
-    seed = int(seed)
-    os.environ["PYTHONHASHSEED"] = str(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-    keras.utils.set_random_seed(seed)  # also seeds Python, NumPy and TensorFlow
+    os.environ["PYTHONHASHSEED"] = str(int(seed))
+    keras.utils.set_random_seed(int(seed))  # seeds Python's random, NumPy and TensorFlow
     if deterministic:
         tf.config.experimental.enable_op_determinism()

@@ -1,15 +1,8 @@
 """Batch normalization written out with ``keras.ops``: the arithmetic, nothing hidden.
 
-:class:`ScratchBatchNormalization` computes what ``keras.layers.BatchNormalization`` computes
-(same arguments, weight names and numbers to float32 round-off), in a dozen readable lines:
-
-- training (``training=True`` and the layer trainable): normalize with the batch mean and the
-  *biased* batch variance over every axis but ``axis``, and update the moving statistics with
-  Keras's convention ``moving = moving * momentum + batch * (1 - momentum)``;
-- inference: normalize with the moving statistics;
-- both: ``y = gamma * (x - mean) / sqrt(variance + epsilon) + beta``.
-
-It is a teaching layer: it has no masking, renormalization or cross-replica statistics.
+Training normalizes with the batch mean and *biased* variance and updates the moving statistics
+as ``moving * momentum + batch * (1 - momentum)``; inference uses the moving statistics. Used in
+notebook 03.
 """
 
 from __future__ import annotations
@@ -21,25 +14,25 @@ from keras import ops
 
 __all__ = ["ScratchBatchNormalization"]
 
+_MODULES = {
+    "initializer": keras.initializers,
+    "regularizer": keras.regularizers,
+    "constraint": keras.constraints,
+}
+
 
 @keras.saving.register_keras_serializable(package="bnutils")
 class ScratchBatchNormalization(keras.layers.Layer):
-    """Batch normalization from ``keras.ops``, equal to ``keras.layers.BatchNormalization``.
+    """``keras.layers.BatchNormalization`` from ``keras.ops``, with the same numbers and weights.
 
-    Args:
-        axis: the feature (channel) axis, normalized per entry; default the last one.
-        momentum: weight of the old value in the moving averages (Keras convention; PyTorch's
-            ``momentum`` is ``1 - momentum``).
-        epsilon: added to the variance inside the square root.
-        center: learn an offset ``beta``.
-        scale: learn a scale ``gamma``.
-        beta_initializer, gamma_initializer, moving_mean_initializer,
-        moving_variance_initializer: initializers of the four weights.
-        **kwargs: base-layer arguments (``name``, ``dtype``, ``trainable``).
+    Takes every argument of the Keras layer and its ``get_config()``, so
+    ``ScratchBatchNormalization.from_config(keras_bn.get_config())`` works. The options it does
+    not implement must keep their defaults: ``synchronized=False`` and ``renorm=False``
+    (``renorm_clipping`` and ``renorm_momentum`` are then unused, as in Keras).
 
-    Call arguments:
-        inputs: a tensor of rank >= 2, e.g. ``(N, C)`` or ``(N, H, W, C)``.
-        training: use (and update) batch statistics; otherwise the moving ones.
+    Raises:
+        ValueError: ``momentum`` outside [0, 1], ``epsilon <= 0``, ``synchronized=True`` or
+            ``renorm=True``.
     """
 
     def __init__(
@@ -53,54 +46,67 @@ class ScratchBatchNormalization(keras.layers.Layer):
         gamma_initializer: Any = "ones",
         moving_mean_initializer: Any = "zeros",
         moving_variance_initializer: Any = "ones",
+        beta_regularizer: Any = None,
+        gamma_regularizer: Any = None,
+        beta_constraint: Any = None,
+        gamma_constraint: Any = None,
+        renorm: bool = False,
+        renorm_clipping: dict | None = None,
+        renorm_momentum: float = 0.99,
+        synchronized: bool = False,
         **kwargs: Any,
     ):
-        super().__init__(**kwargs)
+        for flag, value, instead in (
+            ("synchronized", synchronized, "cross-replica statistics"),
+            ("renorm", renorm, "batch renormalization"),
+        ):
+            if value:
+                raise ValueError(
+                    f"ScratchBatchNormalization does not implement {flag}=True (received "
+                    f"{flag}={value!r}); expected {flag}=False. For {instead} use "
+                    f"keras.layers.BatchNormalization({flag}=True)."
+                )
         if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"Expected `momentum` in [0, 1], received {momentum!r}.")
         if float(epsilon) <= 0.0:
             raise ValueError(f"Expected `epsilon` > 0, received {epsilon!r}.")
-        self.axis = int(axis)
-        self.momentum = float(momentum)
-        self.epsilon = float(epsilon)
-        self.center = bool(center)
-        self.scale = bool(scale)
+        super().__init__(**kwargs)
+        self.axis, self.momentum, self.epsilon = int(axis), float(momentum), float(epsilon)
+        self.center, self.scale = bool(center), bool(scale)
+        self.synchronized, self.renorm = False, False
+        self.renorm_clipping, self.renorm_momentum = renorm_clipping, float(renorm_momentum)
         self.beta_initializer = keras.initializers.get(beta_initializer)
         self.gamma_initializer = keras.initializers.get(gamma_initializer)
         self.moving_mean_initializer = keras.initializers.get(moving_mean_initializer)
         self.moving_variance_initializer = keras.initializers.get(moving_variance_initializer)
-        self.gamma = None
-        self.beta = None
-        self.moving_mean = None
-        self.moving_variance = None
-        self._reduction_axes: list[int] = []
+        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
+        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
+        self.beta_constraint = keras.constraints.get(beta_constraint)
+        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+        self.gamma = self.beta = self.moving_mean = self.moving_variance = None
 
     def build(self, input_shape):
         rank = len(input_shape)
-        if rank < 2 or not -rank <= self.axis < rank:
+        if rank < 2 or not -rank <= self.axis < rank or input_shape[self.axis] is None:
             raise ValueError(
-                f"ScratchBatchNormalization expects inputs of rank >= 2 with axis={self.axis} "
-                f"inside them; received input shape {tuple(input_shape)}."
+                f"ScratchBatchNormalization expects inputs of rank >= 2 with a known size on "
+                f"axis={self.axis}; received input shape {tuple(input_shape)}."
             )
         axis = self.axis % rank
         channels = input_shape[axis]
-        if channels is None:
-            raise ValueError(
-                f"The normalized axis {self.axis} of the input must be known; received input "
-                f"shape {tuple(input_shape)}."
-            )
-        shape = (channels,)
 
-        def weight(name, initializer, trainable):
-            return self.add_weight(shape=shape, name=name, initializer=initializer,
-                                   trainable=trainable, autocast=False)
+        def weight(name, trainable):
+            options = {kind: getattr(self, f"{name}_{kind}", None) for kind in _MODULES}
+            return self.add_weight(
+                shape=(channels,), name=name, trainable=trainable, autocast=False, **options
+            )
 
         if self.scale:
-            self.gamma = weight("gamma", self.gamma_initializer, True)
+            self.gamma = weight("gamma", True)
         if self.center:
-            self.beta = weight("beta", self.beta_initializer, True)
-        self.moving_mean = weight("moving_mean", self.moving_mean_initializer, False)
-        self.moving_variance = weight("moving_variance", self.moving_variance_initializer, False)
+            self.beta = weight("beta", True)
+        self.moving_mean = weight("moving_mean", False)
+        self.moving_variance = weight("moving_variance", False)
         self._reduction_axes = [i for i in range(rank) if i != axis]
         self._broadcast = [1] * rank
         self._broadcast[axis] = channels
@@ -133,21 +139,12 @@ class ScratchBatchNormalization(keras.layers.Layer):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(
-            {
-                "axis": self.axis,
-                "momentum": self.momentum,
-                "epsilon": self.epsilon,
-                "center": self.center,
-                "scale": self.scale,
-                "beta_initializer": keras.initializers.serialize(self.beta_initializer),
-                "gamma_initializer": keras.initializers.serialize(self.gamma_initializer),
-                "moving_mean_initializer": keras.initializers.serialize(
-                    self.moving_mean_initializer
-                ),
-                "moving_variance_initializer": keras.initializers.serialize(
-                    self.moving_variance_initializer
-                ),
-            }
-        )
+        for key in ("axis", "momentum", "epsilon", "center", "scale"):
+            config[key] = getattr(self, key)
+        for name in ("beta", "gamma", "moving_mean", "moving_variance"):
+            for kind, module in _MODULES.items():
+                if hasattr(self, f"{name}_{kind}"):  # moving statistics: initializer only
+                    config[f"{name}_{kind}"] = module.serialize(getattr(self, f"{name}_{kind}"))
+        for key in ("synchronized", "renorm", "renorm_clipping", "renorm_momentum"):
+            config[key] = getattr(self, key)
         return config

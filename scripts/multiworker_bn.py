@@ -11,16 +11,23 @@ The launcher then checks that
 * the workers agree with each other (``--worker-tol``, default 1e-6), and
 * the workers agree with the single-process run on the global batch (``--single-tol``),
 
-prints a summary, writes it to ``summary.json`` and exits 0 when both hold, 1 on a mismatch,
+prints a summary, writes it to ``summary.json`` (in the result schema of
+``bnutils.results.write_result``) and exits 0 when both hold, 1 on a mismatch,
 2 when a process failed or ran past ``--timeout``. Every process it started is ended (its
 whole process group) before it returns, also on errors, timeouts and Ctrl-C; their ids are
 in ``pids.json``.
+
+The ``mirrored`` command runs the one-process version instead: ``MirroredStrategy`` over
+``--workers`` logical CPUs, synchronized and per-replica BN against one device on the global
+batch (:func:`bnutils.distributed.compare_sync_bn`); it prints the summary as JSON and exits 0
+when synchronized BN matches one device within ``--tol`` and per-replica BN does not.
 
 Usage::
 
     python scripts/multiworker_bn.py --out results/multiworker --steps 5
     python scripts/multiworker_bn.py --data fashion_mnist      # real images instead
     python scripts/multiworker_bn.py --no-sync   # negative control: plain BN, expect exit 1
+    python scripts/multiworker_bn.py mirrored --steps 3 --per-replica-batch 8   # one process
 
 Running on real hosts: start one worker per machine with the same ``cluster`` and its own
 ``task.index``, then compare the dumps (copy them into one folder)::
@@ -53,7 +60,18 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["compare_dumps", "free_ports", "launch", "main", "run_single", "run_worker"]
+from bnutils._util import atomic_path, atomic_write_json, json_safe
+from bnutils.results import write_result
+
+__all__ = [
+    "compare_dumps",
+    "free_ports",
+    "launch",
+    "main",
+    "run_mirrored",
+    "run_single",
+    "run_worker",
+]
 
 _SHAPE = (12, 12, 1)  # synthetic image shape: small enough for a fast CPU demo
 
@@ -64,7 +82,7 @@ _SHAPE = (12, 12, 1)  # synthetic image shape: small enough for a fast CPU demo
 
 
 def _data(args):
-    from bnutils.distributed import synthetic_images
+    from bnutils.data import synthetic_images
 
     need = args.workers * args.per_replica_batch * args.steps
     if args.data == "synthetic":
@@ -76,7 +94,7 @@ def _data(args):
 
 
 def _model_fn(args, x, y):
-    from bnutils.distributed import small_bn_model
+    from bnutils.models import small_bn_model
 
     def build():
         return small_bn_model(
@@ -101,8 +119,8 @@ def _dump(stats, path: Path) -> None:
         arrays[f"batch_mean/{name}"] = stats.batch_mean[name]
         arrays[f"batch_var/{name}"] = stats.batch_var[name]
     arrays["losses"] = stats.losses
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
 
 
 def run_worker(args) -> int:
@@ -152,6 +170,29 @@ def run_single(args) -> int:
     )  # fmt: skip
     _dump(stats, Path(args.out) / "single.npz")
     return 0
+
+
+def run_mirrored(args) -> int:
+    """One process, ``--workers`` logical CPUs: synced and per-replica BN vs one device.
+
+    Prints :meth:`bnutils.distributed.SyncComparison.summary` as JSON; 0 when synchronized BN
+    matches one device within ``--tol`` (batch and moving statistics) and per-replica BN's
+    batch means differ by more than ``10 * tol``, else 1.
+    """
+    from bnutils.distributed import compare_sync_bn, mirrored_strategy, setup_logical_cpus
+
+    setup_logical_cpus(args.workers)  # before anything touches TensorFlow's devices
+    from bnutils.repro import set_seed
+
+    set_seed(args.seed)
+    x, y = _data(args)
+    strategy = mirrored_strategy(args.workers)
+    summary = compare_sync_bn(x, y, args.per_replica_batch, args.steps, strategy=strategy).summary()
+    stats = ("batch_mean", "batch_var", "moving_mean", "moving_var")
+    synced_ok = max(summary["synced_error"][k] for k in stats) <= args.tol
+    summary["ok"] = bool(synced_ok and summary["unsynced_error"]["batch_mean"] > 10 * args.tol)
+    print(json.dumps(json_safe(summary), indent=2))
+    return 0 if summary["ok"] else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +333,7 @@ def launch(args) -> int:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # its own process group, ended as a whole
                 )
-        (out / "pids.json").write_text(json.dumps({k: p.pid for k, p in procs.items()}))
+        atomic_write_json(out / "pids.json", {k: p.pid for k, p in procs.items()})
         print(f"cluster {cluster['worker']}; pids {[p.pid for p in procs.values()]}", flush=True)
 
         deadline = start + args.timeout
@@ -314,7 +355,7 @@ def launch(args) -> int:
         summary = compare_dumps(out, args.workers, args.worker_tol, args.single_tol)
         summary["cluster"] = cluster["worker"]
         summary["wall_s"] = round(time.monotonic() - start, 1)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_result("summary", summary, command=getattr(args, "command_line", None), directory=out)
         print(json.dumps(summary, indent=2))
         print("OK: workers agree and match one device" if summary["ok"] else "MISMATCH")
         return 0 if summary["ok"] else 1
@@ -336,8 +377,8 @@ def _parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="launch",
-        choices=("launch", "worker", "single", "compare"),
-        help="launch (default): run everything locally and compare",
+        choices=("launch", "worker", "single", "compare", "mirrored"),
+        help="launch (default): run everything locally and compare; mirrored: one process",
     )
     parser.add_argument("--out", default="results/multiworker", help="folder for dumps and logs")
     parser.add_argument("--workers", type=int, default=2)
@@ -356,16 +397,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=170.0, help="launcher: seconds")
     parser.add_argument("--worker-tol", type=float, default=1e-6)
     parser.add_argument("--single-tol", type=float, default=1e-4)
+    parser.add_argument("--tol", type=float, default=1e-5, help="mirrored: tolerance")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; see the module docstring."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    args.command_line = ["python", "scripts/multiworker_bn.py", *argv]
     if args.command == "worker":
         return run_worker(args)
     if args.command == "single":
         return run_single(args)
+    if args.command == "mirrored":
+        return run_mirrored(args)
     if args.command == "compare":
         summary = compare_dumps(args.out, args.workers, args.worker_tol, args.single_tol)
         print(json.dumps(summary, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import types
 
 import keras
@@ -16,7 +17,10 @@ from bnutils.layers import FusedBatchNormalization
 
 
 def _load(name):
-    path = repo_root() / "benchmarks" / f"{name}.py"
+    folder = repo_root() / "benchmarks"
+    if str(folder) not in sys.path:  # the scripts import their shared benchmarks/_harness.py
+        sys.path.insert(0, str(folder))
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -40,34 +44,51 @@ def test_variants_differ_only_in_their_bn_layers(bench):
     kinds = {}
     for variant in bench.VARIANTS:
         model = bench.build(variant, seed=0)
-        kinds[variant] = {type(la) for la in model.layers
-                          if isinstance(la, keras.layers.BatchNormalization)}
-    assert kinds == {"none": set(), "fused": {FusedBatchNormalization},
-                     "keras": {keras.layers.BatchNormalization}}
+        kinds[variant] = {
+            type(la) for la in model.layers if isinstance(la, keras.layers.BatchNormalization)
+        }
+    assert kinds == {
+        "none": set(),
+        "fused": {FusedBatchNormalization},
+        "keras": {keras.layers.BatchNormalization},
+    }
     with pytest.raises(ValueError, match="Unknown variant 'ghost'"):
         bench.build("ghost", seed=0)
 
 
 def test_a_run_stops_when_it_reaches_the_target(bench, tiny):
-    one_class = types.SimpleNamespace(x_train=tiny.x_train, y_train=np.zeros(48, int),
-                                      x_test=tiny.x_test, y_test=np.zeros(16, int))
-    r = bench.time_to_target("none", 1e-2, one_class, target=0.5, max_epochs=3, batch_size=16,
-                             seed=0)
+    one_class = types.SimpleNamespace(
+        x_train=tiny.x_train,
+        y_train=np.zeros(48, int),
+        x_test=tiny.x_test,
+        y_test=np.zeros(16, int),
+    )
+    r = bench.time_to_target(
+        "none", 1e-2, one_class, target=0.5, max_epochs=3, batch_size=16, seed=0
+    )
     assert r["reached"] and r["stopped"] == "reached" and r["epoch"] == 1
     assert r["seconds"] == r["train_seconds"][0] > 0
 
 
 def test_a_run_slower_than_the_best_so_far_gives_up(bench, tiny):
-    r = bench.time_to_target("fused", 1e-3, tiny, target=0.99, max_epochs=3, batch_size=16,
-                             seed=0, give_up_after=0.0)
+    r = bench.time_to_target(
+        "fused", 1e-3, tiny, target=0.99, max_epochs=3, batch_size=16, seed=0, give_up_after=0.0
+    )
     assert r["stopped"] == "slower than best" and not r["reached"]
     assert len(r["test_accuracy"]) == 1 and r["seconds"] is None
 
 
 def _run(variant, lr, accs, secs, reached):
-    return {"variant": variant, "lr": lr, "test_accuracy": accs, "train_seconds": secs,
-            "reached": reached, "epoch": len(accs) if reached else None,
-            "seconds": secs[-1] if reached else None, "seconds_per_epoch": secs[-1] / len(secs)}
+    return {
+        "variant": variant,
+        "lr": lr,
+        "test_accuracy": accs,
+        "train_seconds": secs,
+        "reached": reached,
+        "epoch": len(accs) if reached else None,
+        "seconds": secs[-1] if reached else None,
+        "seconds_per_epoch": secs[-1] / len(secs),
+    }
 
 
 def test_each_variant_is_scored_at_its_fastest_learning_rate(bench):
@@ -92,8 +113,9 @@ def test_time_budget_stops_before_an_epoch_that_would_overrun(tiny):
     assert any(isinstance(la, FusedBatchNormalization) for la in model.layers)
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     budget = best.TimeBudget(0.0)
-    hist = model.fit(tiny.x_train, tiny.y_train, epochs=3, batch_size=16, verbose=0,
-                     callbacks=[budget])
+    hist = model.fit(
+        tiny.x_train, tiny.y_train, epochs=3, batch_size=16, verbose=0, callbacks=[budget]
+    )
     assert len(hist.history["loss"]) == 1 and budget.stopped_early
     # epochs of 10 s on a fake clock, budget 25 s: stop after the 2nd epoch, not in a 3rd
     ticks = iter([0.0, 0.0, 10.0, 10.0, 20.0, 20.0, 30.0])
@@ -107,8 +129,9 @@ def test_time_budget_stops_before_an_epoch_that_would_overrun(tiny):
             break
     assert epoch == 1 and budget.stopped_early
     roomy = best.TimeBudget(3600.0)
-    hist = model.fit(tiny.x_train, tiny.y_train, epochs=2, batch_size=16, verbose=0,
-                     callbacks=[roomy])
+    hist = model.fit(
+        tiny.x_train, tiny.y_train, epochs=2, batch_size=16, verbose=0, callbacks=[roomy]
+    )
     assert len(hist.history["loss"]) == 2 and not roomy.stopped_early
 
 
@@ -118,21 +141,28 @@ def test_each_variant_gives_up_against_its_own_best_time(bench, monkeypatch):
 
     def fake(variant, lr, ds, target, max_epochs, batch_size, seed, give_up_after):
         seen.append((variant, lr, give_up_after))
-        secs = {("none", 1e-3): 80.0, ("fused", 1e-3): 30.0, ("none", 3e-3): 70.0,
-                ("fused", 3e-3): 40.0}[variant, lr]
+        secs = {
+            ("none", 1e-3): 80.0,
+            ("fused", 1e-3): 30.0,
+            ("none", 3e-3): 70.0,
+            ("fused", 3e-3): 40.0,
+        }[variant, lr]
         return _run(variant, lr, [target], [secs], True)
 
     monkeypatch.setattr(bench, "time_to_target", fake)
     monkeypatch.setattr(bench, "warm_up", lambda *a, **k: None)
-    monkeypatch.setattr(bench, "_machine", lambda: {})
     import bnutils
 
     tiny_ds = types.SimpleNamespace(summary=lambda: "tiny")
     fake_ds = types.SimpleNamespace(subset=lambda *a: tiny_ds)
     monkeypatch.setattr(bnutils, "load_dataset", lambda **k: fake_ds)
     report = bench.run(quick=True, variants=("none", "fused"), lrs=[1e-3, 3e-3])
-    assert seen == [("none", 1e-3, float("inf")), ("fused", 1e-3, float("inf")),
-                    ("fused", 3e-3, 30.0), ("none", 3e-3, 80.0)]
+    assert seen == [
+        ("none", 1e-3, float("inf")),
+        ("fused", 1e-3, float("inf")),
+        ("fused", 3e-3, 30.0),
+        ("none", 3e-3, 80.0),
+    ]
     rows = {r["variant"]: r for r in report["rows"]}
     assert rows["none"]["seconds"] == 70.0 and rows["fused"]["seconds"] == 30.0
     assert rows["fused"]["seconds vs no BN"] == round(30 / 70, 3)
@@ -140,19 +170,52 @@ def test_each_variant_gives_up_against_its_own_best_time(bench, monkeypatch):
 
 def test_the_result_file_records_the_command_line_it_was_run_with(bench, monkeypatch, tmp_path):
     """main() writes the arguments it was given, not the test runner's sys.argv."""
+
     def fake(variant, lr, ds, target, max_epochs, batch_size, seed, give_up_after):
         return _run(variant, lr, [target], [10.0], True)
 
     monkeypatch.setattr(bench, "time_to_target", fake)
     monkeypatch.setattr(bench, "warm_up", lambda *a, **k: None)
-    monkeypatch.setattr(bench, "_machine", lambda: {})
     import bnutils
 
     tiny_ds = types.SimpleNamespace(summary=lambda: "tiny")
-    monkeypatch.setattr(bnutils, "load_dataset",
-                        lambda **k: types.SimpleNamespace(subset=lambda *a: tiny_ds))
+    monkeypatch.setattr(
+        bnutils, "load_dataset", lambda **k: types.SimpleNamespace(subset=lambda *a: tiny_ds)
+    )
     out = tmp_path / "tta.json"
-    bench.main(["--quick", "--lrs", "0.001", "--output", str(out)])
+    report = bench.main(["--quick", "--lrs", "0.001", "--output", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["command"] == ("python benchmarks/bench_time_to_accuracy.py --quick --lrs 0.001 "
-                                f"--output {out}")
+    assert saved["command"] == [
+        "python",
+        "benchmarks/bench_time_to_accuracy.py",
+        "--quick",
+        "--lrs",
+        "0.001",
+        "--output",
+        str(out),
+    ]
+    assert saved["profile"] == "quick" and saved["rows"] == report["rows"]
+    assert {"name", "date", "machine", "versions"} <= set(saved)
+
+
+def test_harness_interleaves_in_rotating_order_and_follows_the_profile(monkeypatch, tmp_path):
+    harness = _load("_harness")
+    order = []
+    fns = {k: (lambda k=k: order.append(k)) for k in "abc"}
+    times = harness.interleaved(fns, repeats=3)
+    assert order == list("abcbcacab")
+    assert set(times) == {"wall", "cpu"} and all(len(v) == 3 for v in times["wall"].values())
+    assert harness.paired_ratio({"a": [2.0, 4.0, 9.0], "b": [1.0, 1.0, 3.0]}, "a", "b") == 3.0
+    assert harness.min_ratio({"a": [2.0, 4.0], "b": [1.0, 0.5]}, "a", "b") == 4.0
+    # --quick in a full-profile shell still never writes over the full run's files
+    monkeypatch.setenv("BNUTILS_PROFILE", "full")
+    monkeypatch.setenv("BNUTILS_RESULTS", str(tmp_path))
+    path = harness.save("bench_x", {"rows": []}, ["--quick"], quick=True)
+    assert path == tmp_path / "quick" / "bench_x.json"
+    saved = json.loads(path.read_text())
+    assert saved["profile"] == "quick" and saved["command"] == [
+        "python",
+        "benchmarks/bench_x.py",
+        "--quick",
+    ]
+    assert harness.save("bench_x", {"rows": []}, []).parent == tmp_path  # the full profile

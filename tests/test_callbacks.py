@@ -1,4 +1,4 @@
-"""bnutils.callbacks and bnutils.noisy: trackers record the right tensors; noisy BN."""
+"""bnutils.callbacks: trackers record the right tensors and leave the model alone."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from bnutils.callbacks import (
     GradientNormTracker,
     MovingStatsTracker,
 )
-from bnutils.noisy import NoisyBatchNormalization
 
 EPS = 1e-3  # keras.layers.BatchNormalization's default epsilon
 
@@ -27,16 +26,20 @@ def xy():
 
 def mlp(bn: bool, fused_sigmoid: bool = False, seed: int = 0) -> keras.Model:
     keras.utils.set_random_seed(seed)
-    layers = [keras.Input((8,)),
-              keras.layers.Dense(6, name="d1", activation="sigmoid" if fused_sigmoid else None)]
+    layers = [
+        keras.Input((8,)),
+        keras.layers.Dense(6, name="d1", activation="sigmoid" if fused_sigmoid else None),
+    ]
     if bn:
         layers.append(keras.layers.BatchNormalization(name="bn1"))
     if not fused_sigmoid:
         layers.append(keras.layers.Activation("sigmoid", name="act1"))
     layers.append(keras.layers.Dense(4, name="out"))
     model = keras.Sequential(layers)
-    model.compile(optimizer=keras.optimizers.SGD(0.5),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     return model
 
 
@@ -59,17 +62,21 @@ def pre_activation(model, x, training: bool) -> np.ndarray:
     return bn.gamma.numpy() * (h - mean) / np.sqrt(var + EPS) + bn.beta.numpy()
 
 
-@pytest.mark.parametrize("bn, layer, tensor, training", [
-    (True, "bn1", "output", True),
-    (True, "bn1", "output", False),
-    (True, "act1", "input", True),
-    (False, "d1", "output", True),
-])
+@pytest.mark.parametrize(
+    "bn, layer, tensor, training",
+    [
+        (True, "bn1", "output", True),
+        (True, "bn1", "output", False),
+        (True, "act1", "input", True),
+        (False, "d1", "output", True),
+    ],
+)
 def test_percentiles_track_the_sigmoid_input(xy, bn, layer, tensor, training):
     model = mlp(bn)
     x_fixed = xy[0][:100]
-    tracker = ActivationPercentiles(layer, x_fixed, unit=3, every=1, tensor=tensor,
-                                    training=training)
+    tracker = ActivationPercentiles(
+        layer, x_fixed, unit=3, every=1, tensor=tensor, training=training
+    )
     fit(model, xy, [tracker])
     assert tracker.steps == list(range(9)) and tracker.as_array().shape == (9, 3)
     expected = np.percentile(pre_activation(model, x_fixed, training)[:, 3], [15, 50, 85])
@@ -107,8 +114,9 @@ def test_moving_stats_tracker(xy):
     assert s["mean"][0] == 0.0 and s["variance"][0] == 1.0  # Keras initial values
     bn = model.get_layer("bn1")
     assert s["mean"][-1] == pytest.approx(float(bn.moving_mean.numpy().mean()), abs=1e-6)
-    np.testing.assert_allclose(s["variance_channels"][-1], bn.moving_variance.numpy()[[0, 4]],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        s["variance_channels"][-1], bn.moving_variance.numpy()[[0, 4]], rtol=1e-6
+    )
     restored = MovingStatsTracker(every=2, channels=(0, 4, 99))
     restored.load_dict(tracker.to_dict())
     assert restored.stats == tracker.stats and restored.steps == tracker.steps
@@ -126,7 +134,8 @@ def test_gradient_norms_match_a_hand_computed_gradient(xy):
     with tf.GradientTape() as tape:
         logits = model(xb, training=True)
         loss = tf.reduce_mean(
-            keras.losses.sparse_categorical_crossentropy(yb, logits, from_logits=True))
+            keras.losses.sparse_categorical_crossentropy(yb, logits, from_logits=True)
+        )
     grads = tape.gradient(loss, model.trainable_variables)
     by_layer = {}
     for v, g in zip(model.trainable_variables, grads, strict=True):
@@ -150,54 +159,22 @@ def test_gradient_tracker_leaves_bn_state_alone(xy):
     assert "bn1" in tracker.norms and tracker.norms["bn1"][-1] > 0
 
 
-# ---------------------------------------------------------------- noisy BN
+def test_tracker_records_round_trip_through_json_and_settings_fingerprint(xy):
+    import json
 
-
-def test_noisy_bn_is_identity_in_inference():
-    layer = NoisyBatchNormalization(shift=2.0, scale=3.0, seed=1)
-    x = np.random.default_rng(1).normal(size=(16, 5)).astype("float32")
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x)), x)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x, training=False)), x)
-
-
-def test_noisy_bn_adds_a_per_channel_affine_distortion_that_changes_each_step():
-    layer = NoisyBatchNormalization(shift=0.5, scale=1.0, seed=3)
-    x = np.random.default_rng(2).normal(size=(32, 4)).astype("float32")
-    step = tf.function(lambda t: layer(t, training=True))
-    y1, y2 = step(x).numpy(), step(x).numpy()
-    for y in (y1, y2):
-        assert not np.allclose(y, x)
-        for c in range(4):  # y[:, c] = s_c * x[:, c] + m_c exactly
-            s, m = np.polyfit(x[:, c], y[:, c], 1)
-            np.testing.assert_allclose(y[:, c], s * x[:, c] + m, atol=1e-5)
-            assert 1 / 2.0 - 1e-6 <= s <= 2.0 + 1e-6 and abs(m) <= 0.5 + 1e-6
-    assert not np.allclose(y1, y2), "the noise must be redrawn every step"
-    means = (y1 - x).mean(axis=0)
-    assert np.all(np.abs(means) > 0), "non-zero mean shift"
-
-
-def test_noisy_bn_per_example_and_conv_inputs():
-    layer = NoisyBatchNormalization(shift=0.0, scale=1.0, per_example=True, seed=0)
-    x = np.ones((8, 3, 3, 2), dtype="float32")
-    y = keras.ops.convert_to_numpy(layer(x, training=True))
-    ratio = y / x
-    assert np.allclose(ratio, ratio[:, :1, :1, :])  # constant over positions
-    assert not np.allclose(ratio[0], ratio[1])  # differs between examples
-    with pytest.raises(ValueError, match="non-negative"):
-        NoisyBatchNormalization(shift=-1.0)
-
-
-def test_noisy_bn_serializes(tmp_path):
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(5),
-                              keras.layers.BatchNormalization(),
-                              NoisyBatchNormalization(shift=0.3, scale=0.2, seed=7, name="noisy")])
-    path = tmp_path / "noisy.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    layer = loaded.get_layer("noisy")
-    assert isinstance(layer, NoisyBatchNormalization)
-    assert (layer.shift, layer.scale, layer.seed) == (0.3, 0.2, 7)
-    x = np.random.default_rng(0).normal(size=(4, 5)).astype("float32")
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
-                               rtol=0, atol=1e-6)
+    model = mlp(bn=True)
+    pct = ActivationPercentiles("bn1", xy[0][:50], every=4)
+    grads = GradientNormTracker(xy[0][:32], xy[1][:32], every=4)
+    fit(model, xy, [pct, grads])
+    for tracker, fresh in (
+        (pct, ActivationPercentiles("bn1", xy[0][:50], every=4)),
+        (grads, GradientNormTracker(xy[0][:32], xy[1][:32], every=4)),
+    ):
+        saved = json.loads(json.dumps(tracker.to_dict()))
+        fresh.load_dict(saved)
+        assert fresh.to_dict() == tracker.to_dict() and fresh.steps == [0, 4, 8]
+        assert fresh.fingerprint() == tracker.fingerprint()
+    assert pct.to_dict()["percentiles"] == [15.0, 50.0, 85.0]
+    other_batch = ActivationPercentiles("bn1", xy[0][50:100], every=4)
+    assert other_batch.fingerprint() != pct.fingerprint(), "the fixed batch counts by digest"
+    assert ActivationPercentiles("bn1", xy[0][:50], every=5).fingerprint() != pct.fingerprint()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bnutils import config
-from bnutils.pipeline import make_tf_dataset
+from bnutils.data import make_tf_dataset
 from bnutils.repro import set_seed
 
 
@@ -46,8 +46,14 @@ def _tiny_run(seed):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 8)).astype("float32")
     y = (x[:, 0] > 0).astype("int32")
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
-                              keras.layers.BatchNormalization(), keras.layers.Dense(2)])
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(2),
+        ]
+    )
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     hist = model.fit(make_tf_dataset(x, y, batch_size=32, seed=seed), epochs=2, verbose=0)
     return hist.history["loss"], model.get_weights()
@@ -71,7 +77,7 @@ def test_pipeline_shuffles_with_seed_and_batches():
     np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
     assert not np.array_equal(np.concatenate(first), x)
     assert sorted(np.concatenate(first).tolist()) == x.tolist()
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    with pytest.raises(ValueError, match="`batch_size` must be an integer >= 1, received 0"):
         make_tf_dataset(x, batch_size=0)
     with pytest.raises(ValueError, match="x has 100 examples but y has 3"):
         make_tf_dataset(x, np.zeros(3))
@@ -83,3 +89,14 @@ def test_quick_results_never_land_on_committed_files(monkeypatch):
     assert config.results_dir("runs", create=False) == config.repo_root() / "results/quick/runs"
     monkeypatch.setenv(config.PROFILE_ENV, "full")
     assert config.results_dir(create=False) == config.repo_root() / "results"
+
+
+def test_results_dir_override_and_quick_figures(monkeypatch, tmp_path):
+    monkeypatch.setenv("BNUTILS_RESULTS", str(tmp_path / "elsewhere"))
+    path = config.results_dir("runs", "a")
+    assert path == tmp_path / "elsewhere" / "runs" / "a" and path.is_dir()
+    monkeypatch.setenv(config.PROFILE_ENV, "quick")
+    assert config.figures_dir() == config.repo_root() / "figures" / "quick"  # git-ignored
+    assert config.get_profile("QUICK") is config.PROFILES["quick"]
+    with pytest.raises(ValueError, match=r"'tiny' \(from argument `name`\)"):
+        config.get_profile("tiny")

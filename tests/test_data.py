@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from bnutils import data
-from bnutils.data import DatasetError, load_dataset, read_idx
+from bnutils.data import DatasetError, load_dataset, read_idx, synthetic_images
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 needs_debian = pytest.mark.skipif(
-    not DEBIAN.is_dir(), reason="Debian's dataset-fashion-mnist is not installed (make setup does it)"
+    not DEBIAN.is_dir(),
+    reason="Debian's dataset-fashion-mnist is not installed (make setup does it)",
 )
 
 
@@ -106,7 +107,9 @@ def test_corrupted_header_and_label_range(tmp_path):
 def test_missing_file_and_every_place_searched(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "nowhere")
     monkeypatch.setattr(data, "repo_root", lambda: tmp_path / "repo")
-    monkeypatch.setattr(data, "_keras_download", lambda name: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(
+        data, "_keras_download", lambda name: (_ for _ in ()).throw(OSError("offline"))
+    )
     with pytest.raises(DatasetError) as err:
         load_dataset("fashion_mnist")
     msg = str(err.value)
@@ -143,7 +146,9 @@ def test_unreadable_dir_is_reported(tmp_path, monkeypatch):
     target = tmp_path / "d"
     target.mkdir()
     real_access = os.access
-    monkeypatch.setattr(data.os, "access", lambda p, m: False if Path(p) == target else real_access(p, m))
+    monkeypatch.setattr(
+        data.os, "access", lambda p, m: False if Path(p) == target else real_access(p, m)
+    )
     with pytest.raises(DatasetError, match="not a readable folder"):
         load_dataset(data_dir=target)
 
@@ -167,13 +172,20 @@ def test_mnist_from_keras_cache(tmp_path, monkeypatch):
 
 
 def test_cifar10_from_keras_cache(tmp_path, monkeypatch):
-    base = tmp_path / "keras_home" / "datasets" / "cifar-10-batches-py-target" / "cifar-10-batches-py"
+    base = (
+        tmp_path / "keras_home" / "datasets" / "cifar-10-batches-py-target" / "cifar-10-batches-py"
+    )
     base.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name, n in [(f"data_batch_{i}", 10_000) for i in range(1, 6)] + [("test_batch", 10_000)]:
         with open(base / name, "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         b"labels": rng.integers(0, 10, n).tolist()}, f)
+            pickle.dump(
+                {
+                    b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                    b"labels": rng.integers(0, 10, n).tolist(),
+                },
+                f,
+            )
     monkeypatch.setattr(data, "repo_root", lambda: tmp_path / "repo")
     ds = load_dataset("cifar10")
     assert ds.x_train.shape == (45_000, 32, 32, 3)
@@ -186,8 +198,35 @@ def test_cifar10_from_keras_cache(tmp_path, monkeypatch):
 
 
 def test_subset_and_errors():
-    ds = data.Dataset("t", *(np.zeros((10, 2, 2, 1)), np.zeros(10)) * 3, class_names=("a",), source="x")
+    ds = data.Dataset(
+        "t", *(np.zeros((10, 2, 2, 1)), np.zeros(10)) * 3, class_names=("a",), source="x"
+    )
     small = ds.subset(4, 2, None)
     assert len(small.x_train) == 4 and len(small.x_val) == 2 and len(small.x_test) == 10
     with pytest.raises(ValueError, match="only 10"):
         ds.subset(train=11)
+    with pytest.raises(ValueError, match="`val` must be an integer >= 1, received 0"):
+        ds.subset(val=0)
+
+
+@needs_debian
+def test_name_spelling_and_validation_size_bounds():
+    ds = load_dataset("Fashion-MNIST", validation_size=0)
+    assert ds.name == "fashion_mnist" and len(ds.x_train) == 60_000 and len(ds.x_val) == 0
+    with pytest.raises(ValueError, match="`validation_size` must be below 60000"):
+        load_dataset(validation_size=60_000)
+    with pytest.raises(ValueError, match="validation_size"):
+        load_dataset(validation_size=-1)
+
+
+def test_synthetic_images_are_seeded_and_brighter_for_higher_labels():
+    x, y = synthetic_images(400, shape=(4, 4, 1), num_classes=4, seed=1)
+    again, y_again = synthetic_images(400, shape=(4, 4, 1), num_classes=4, seed=1)
+    other, _ = synthetic_images(400, shape=(4, 4, 1), num_classes=4, seed=2)
+    assert x.shape == (400, 4, 4, 1) and x.dtype == np.float32 and y.dtype == np.int32
+    np.testing.assert_array_equal(x, again)
+    np.testing.assert_array_equal(y, y_again)
+    assert not np.array_equal(x, other)
+    assert 0.0 <= x.min() and x.max() <= 1.0 and set(np.unique(y)) == {0, 1, 2, 3}
+    means = [float(x[y == c].mean()) for c in range(4)]
+    assert means == sorted(means) and means[-1] - means[0] > 0.3

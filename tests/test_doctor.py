@@ -45,8 +45,9 @@ def _mlp(momentum=0.9, bias=False, epsilon=1e-3, dropout=None):
 
 def _fit(model, ds, epochs, batch_size=64, lr=1e-3, seed=0):
     bnutils.set_seed(seed)
-    model.compile(keras.optimizers.Adam(lr), "sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(
+        keras.optimizers.Adam(lr), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     model.fit(ds.x_train, ds.y_train, batch_size=batch_size, epochs=epochs, verbose=0)
     return model
 
@@ -71,8 +72,9 @@ def _variables(model):
 def test_healthy_twins_get_nothing_above_info(fmnist):
     twins = {
         "mlp momentum 0.9": _fit(_mlp(0.9), fmnist, epochs=3),
-        "mlp keras defaults, trained long enough": _fit(_mlp(0.99), fmnist, epochs=8,
-                                                        batch_size=32),
+        "mlp keras defaults, trained long enough": _fit(
+            _mlp(0.99), fmnist, epochs=8, batch_size=32
+        ),
         "cnn momentum 0.9": _fit(_small_cnn(0.9), fmnist, epochs=2),
     }
     for label, model in twins.items():
@@ -166,8 +168,9 @@ def test_batch_dependent_inference_is_found_and_located(toy):
 
     # A functional graph that stored `base(x, training=True)`: plain `model(x)` is affected.
     def wrapped(training):
-        base = keras.Sequential([keras.Input((16,)), L.BatchNormalization(momentum=0.9)],
-                                name="base")
+        base = keras.Sequential(
+            [keras.Input((16,)), L.BatchNormalization(momentum=0.9)], name="base"
+        )
         return lambda h: base(h, training=training)
 
     report = diagnose_batchnorm(_toy_model(toy, wrapped(True)), x, y)
@@ -179,8 +182,15 @@ def test_batch_dependent_inference_is_found_and_located(toy):
 
 def test_training_false_in_a_graph_is_overridden_by_fit(toy):
     x, y = toy
-    base = keras.Sequential([keras.Input((8,)), L.Dense(16, use_bias=False),
-                             L.BatchNormalization(momentum=0.5), L.ReLU()], name="base")
+    base = keras.Sequential(
+        [
+            keras.Input((8,)),
+            L.Dense(16, use_bias=False),
+            L.BatchNormalization(momentum=0.5),
+            L.ReLU(),
+        ],
+        name="base",
+    )
     inp = keras.Input((8,))
     model = keras.Model(inp, L.Dense(2, activation="softmax")(base(inp, training=False)))
     (finding,) = diagnose_batchnorm(model, x).by_code("training-false-overridden")
@@ -211,8 +221,14 @@ def test_redundant_bias_is_info_and_only_for_linear_layers(fmnist):
     report = diagnose_batchnorm(_small_cnn(bias=True), x)
     assert len(report.by_code("redundant-bias")) == 2
     assert not diagnose_batchnorm(_small_cnn(bias=False), x).by_code("redundant-bias")
-    relu_first = keras.Sequential([keras.Input((28, 28, 1)), L.Flatten(),
-                                   L.Dense(16, activation="relu"), L.BatchNormalization()])
+    relu_first = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            L.Flatten(),
+            L.Dense(16, activation="relu"),
+            L.BatchNormalization(),
+        ]
+    )
     assert not diagnose_batchnorm(relu_first, x).by_code("redundant-bias")
 
 
@@ -230,16 +246,23 @@ def test_bn_after_softmax_or_as_output():
     probs = L.Dense(3, activation="softmax")(inp)
     after_softmax = keras.Model(inp, L.Dense(2)(L.BatchNormalization()(probs)))
     as_output = keras.Sequential([keras.Input((6,)), L.Dense(3), L.BatchNormalization()])
-    fine = keras.Sequential([keras.Input((6,)), L.Dense(3, use_bias=False),
-                             L.BatchNormalization(), L.Activation("softmax")])
+    fine = keras.Sequential(
+        [
+            keras.Input((6,)),
+            L.Dense(3, use_bias=False),
+            L.BatchNormalization(),
+            L.Activation("softmax"),
+        ]
+    )
     x = np.random.default_rng(0).normal(size=(64, 6)).astype("float32")
     found = diagnose_batchnorm(after_softmax, x).by_code("bn-after-softmax-or-output")
     assert len(found) == 1 and found[0].evidence["activation"] == "softmax"
     found = diagnose_batchnorm(as_output, x).by_code("bn-after-softmax-or-output")
     assert len(found) == 1 and "last layer" in found[0].message
     assert not diagnose_batchnorm(fine, x).by_code("bn-after-softmax-or-output")
-    both = keras.Sequential([keras.Input((6,)), L.Dense(3, activation="softmax"),
-                             L.BatchNormalization()])
+    both = keras.Sequential(
+        [keras.Input((6,)), L.Dense(3, activation="softmax"), L.BatchNormalization()]
+    )
     (finding,) = diagnose_batchnorm(both, x).by_code("bn-after-softmax-or-output")
     assert finding.evidence["is_output"] and finding.evidence["activation"] == "softmax"
 
@@ -318,8 +341,7 @@ def test_report_table_dicts_and_order(fmnist):
     model = _mlp(momentum=0.1, bias=True)  # untrained: never updated (error) + warning + info
     report = diagnose_batchnorm(model, fmnist.x_val[:64], fmnist.y_val[:64])
     assert isinstance(report, DoctorReport)
-    assert report.codes() == ["moving-stats-never-updated", "suspicious-momentum",
-                              "redundant-bias"]
+    assert report.codes() == ["moving-stats-never-updated", "suspicious-momentum", "redundant-bias"]
     assert report.codes("error") == ["moving-stats-never-updated"] and not report.ok
     text = str(report)
     for f in report.findings:
@@ -327,7 +349,7 @@ def test_report_table_dicts_and_order(fmnist):
     dicts = report.to_dicts()
     assert [d["code"] for d in dicts] == [f.code for f in report.findings]
     assert set(dicts[0]) == {"code", "severity", "layer", "message", "evidence", "fix"}
-    with pytest.raises(ValueError, match="Unknown severity"):
+    with pytest.raises(ValueError, match="`min_severity` must be one of"):
         report.codes("fatal")
 
 

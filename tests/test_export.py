@@ -71,10 +71,10 @@ def test_export_writes_savedmodel_and_metadata(model, x, tmp_path):
 
 @pytest.mark.parametrize("fold", [True, False])
 def test_reload_matches_the_in_memory_model(model, x, tmp_path, fold):
-    path = export_savedmodel(model, tmp_path / "sm", fold=fold, endpoint="predict_fn")
+    path = export_savedmodel(model, tmp_path / "sm", fold=fold)
     predict, meta = load_for_inference(path)
     assert meta["folded"] is fold
-    assert meta["endpoint"] == "predict_fn"
+    assert meta["endpoint"] == "serve"
     np.testing.assert_allclose(predict(x), _expected(model, x), rtol=0, atol=1e-5)
 
 
@@ -130,8 +130,6 @@ def test_interrupted_overwrite_keeps_the_old_export(model, x, tmp_path, monkeypa
 def test_bad_arguments(model, tmp_path):
     with pytest.raises(ValueError, match="3 class names"):
         export_savedmodel(model, tmp_path / "sm", class_names=["a", "b", "c"])
-    with pytest.raises(ValueError, match="identifier"):
-        export_savedmodel(model, tmp_path / "sm", endpoint="not valid")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(FileNotFoundError, match="No SavedModel"):
         load_for_inference(tmp_path / "missing")
@@ -156,7 +154,7 @@ def _agreement_tolerance(model, x):
 def test_onnx_agrees_with_keras(model, x, tmp_path):
     pytest.importorskip("tf2onnx")
     pytest.importorskip("onnxruntime")
-    from bnutils.runtimes import export_onnx, load_onnx
+    from bnutils.export import export_onnx, load_onnx
 
     path = export_onnx(model, tmp_path / "m.onnx")
     predict = load_onnx(path)
@@ -167,7 +165,7 @@ def test_onnx_agrees_with_keras(model, x, tmp_path):
 
 def test_litert_agrees_with_keras(model, x, tmp_path):
     pytest.importorskip("ai_edge_litert")
-    from bnutils.runtimes import export_litert, load_litert
+    from bnutils.export import export_litert, load_litert
 
     path = export_litert(model, tmp_path / "m.tflite")
     predict = load_litert(path)
@@ -178,7 +176,7 @@ def test_litert_agrees_with_keras(model, x, tmp_path):
 
 
 def test_runtime_agreement_table(model, x, tmp_path):
-    from bnutils.runtimes import runtime_agreement
+    from bnutils.export import runtime_agreement
 
     with pytest.raises(ValueError, match="Unknown runtime"):
         runtime_agreement(model, x, tmp_path, runtimes=("tensorrt",))

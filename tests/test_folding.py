@@ -6,7 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from bnutils.folding import FoldReport, fold_batchnorm, fold_parameters
+from bnutils.folding import FoldReport, fold_batchnorm
+from bnutils.folding import _fold_parameters as fold_parameters
 
 L = keras.layers
 RTOL = 1e-4  # of the output scale (standard deviation of the original outputs)
@@ -111,8 +112,10 @@ def test_channels_first_folds_on_axis_1(make):
     # TensorFlow `ops.add` treats a (1, C, 1, 1) bias as NHWC when C equals the width.
     layer = make()
     if not isinstance(layer, L.DepthwiseConv2D) and not _cpu_runs_nchw_conv():
-        pytest.skip("TensorFlow cannot execute a channels_first Conv2D on this CPU (it "
-                    "reports NHWC-only support); the folding of axis 1 is untestable here")
+        pytest.skip(
+            "TensorFlow cannot execute a channels_first Conv2D on this CPU (it "
+            "reports NHWC-only support); the folding of axis 1 is untestable here"
+        )
     model = _single(layer, (3, 9, 9), bn_axis=1)
     x = np.random.default_rng(2).normal(size=(2, 3, 9, 9)).astype("float32")
     _assert_folds_exactly(model, x, n_folded=1)

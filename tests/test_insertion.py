@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from bnutils._graph import MODEL_OUTPUT, LayerGraph, find_batchnorm_layers, walk_layers
 from bnutils.insertion import DEFAULT_LAYER_TYPES, InsertionReport, insert_batchnorm
 from bnutils.models import build_cnn, build_mlp
 from bnutils.scratch import ScratchBatchNormalization
@@ -80,8 +81,9 @@ def test_mlp_before_matches_the_built_bn_model_and_keeps_outputs():
         assert not new.get_layer(name).use_bias
         assert new.get_layer(f"{name}_act").activation.__name__ == "sigmoid"
         # the old bias now lives in beta
-        np.testing.assert_array_equal(new.get_layer(f"{name}_bn").beta.numpy(),
-                                      model.get_layer(name).bias.numpy())
+        np.testing.assert_array_equal(
+            new.get_layer(f"{name}_bn").beta.numpy(), model.get_layer(name).bias.numpy()
+        )
     _assert_kernels_kept(model, new)
     _assert_same_outputs(model, new, _rand(8, 28, 28, 1), atol=1e-6)
 
@@ -191,8 +193,9 @@ def test_branches_and_merges():
 def test_several_inputs_and_outputs_keep_their_structure():
     ia = keras.Input((4,), name="a")
     ib = keras.Input((5,), name="b")
-    h = L.Concatenate()([L.Dense(6, activation="relu", name="da")(ia),
-                         L.Dense(6, activation="relu", name="db")(ib)])
+    h = L.Concatenate()(
+        [L.Dense(6, activation="relu", name="da")(ia), L.Dense(6, activation="relu", name="db")(ib)]
+    )
     h = L.Dense(8, activation="relu", name="trunk")(h)
     out1 = L.Dense(2, name="head1")(h)
     out2 = L.Activation("sigmoid", name="head2_act")(L.Dense(1, name="head2")(h))
@@ -239,8 +242,13 @@ def test_shared_layer_with_an_output_call_site_is_skipped():
 
 def test_nested_sequential_and_functional_models_are_rewritten():
     backbone = keras.Sequential(
-        [keras.Input((8, 8, 1)), L.Conv2D(4, 3, activation="relu", name="conv"),
-         L.Conv2D(4, 3, activation="relu", name="conv2")], name="backbone")
+        [
+            keras.Input((8, 8, 1)),
+            L.Conv2D(4, 3, activation="relu", name="conv"),
+            L.Conv2D(4, 3, activation="relu", name="conv2"),
+        ],
+        name="backbone",
+    )
     inner_in = keras.Input((64,))
     inner = keras.Model(inner_in, L.Dense(6, activation="relu", name="fc")(inner_in), name="head")
     inputs = keras.Input((8, 8, 1))
@@ -251,7 +259,13 @@ def test_nested_sequential_and_functional_models_are_rewritten():
     assert sorted(report.inserted) == ["backbone/conv", "backbone/conv2", "head/fc"]
     assert isinstance(new.get_layer("backbone"), keras.Sequential)
     assert [la.name for la in new.get_layer("backbone").layers] == [
-        "conv", "conv_bn", "conv_act", "conv2", "conv2_bn", "conv2_act"]
+        "conv",
+        "conv_bn",
+        "conv_act",
+        "conv2",
+        "conv2_bn",
+        "conv2_act",
+    ]
     assert "fc_bn" in [la.name for la in new.get_layer("head").layers]
     _assert_kernels_kept(model, new)
     _assert_same_outputs(model, new, _rand(2, 8, 8, 1))
@@ -280,8 +294,15 @@ def test_keras_ops_in_the_graph():
 
 
 def test_sequential_model_gives_a_sequential_model():
-    model = keras.Sequential([keras.Input((5,)), L.Dense(4, activation="relu", name="d1"),
-                              L.Dropout(0.1), L.Dense(3, name="d2"), L.Softmax()])
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            L.Dense(4, activation="relu", name="d1"),
+            L.Dropout(0.1),
+            L.Dense(3, name="d2"),
+            L.Softmax(),
+        ]
+    )
     _randomize_biases(model)
     new, report = insert_batchnorm(model, return_report=True)
     assert isinstance(new, keras.Sequential)
@@ -321,8 +342,12 @@ def test_skip_by_name_layer_types_and_include_output():
     assert report.skipped["block1_conv1"] == report.skipped["dense_1"] == "listed in `skip`"
     assert len(report.inserted) == 3
     _, report = insert_batchnorm(model, layer_types=[L.Conv2D], return_report=True)
-    assert sorted(report.inserted) == ["block1_conv1", "block1_conv2", "block2_conv1",
-                                       "block2_conv2"]
+    assert sorted(report.inserted) == [
+        "block1_conv1",
+        "block1_conv2",
+        "block2_conv1",
+        "block2_conv2",
+    ]
     new, report = insert_batchnorm(model, include_output=True, return_report=True)
     assert "predictions" in report.inserted and not report.skipped
     # BN after softmax ("after" position here since predictions has softmax and no split)
@@ -377,8 +402,10 @@ def test_custom_bn_layer(kind):
     if kind == "scratch":
         bn_layer, cls = ScratchBatchNormalization, ScratchBatchNormalization
     elif kind == "factory":
+
         def bn_layer(name, **kwargs):
             return L.BatchNormalization(name=name, momentum=0.5, **kwargs)
+
         cls = L.BatchNormalization
     else:
         layers = pytest.importorskip("bnutils.layers")
@@ -487,8 +514,9 @@ def test_inserted_model_trains_saves_and_loads(tmp_path):
     path = tmp_path / "inserted.keras"
     new.save(path)
     loaded = keras.models.load_model(path)
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), new.predict(x, verbose=0),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), new.predict(x, verbose=0), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_compiled_model_stays_compiled():
@@ -503,8 +531,9 @@ def test_compiled_model_stays_compiled():
 
 
 def test_mobilenet_v2_already_has_bn():
-    model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
-                                           classes=10)
+    model = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10
+    )
     new, report = insert_batchnorm(model, return_report=True)
     assert report.bn_count == 0 and len(new.layers) == len(model.layers)
     convs = [la.name for la in model.layers if isinstance(la, (L.Conv2D, L.DepthwiseConv2D))]
@@ -533,3 +562,57 @@ def test_resnet50_and_efficientnet():
     assert report.bn_count == 32
     assert all("_se_" in name for name in report.inserted)
     _assert_same_outputs(effnet, new, _rand(2, 32, 32, 3))
+
+
+# ---------------------------------------------------------------- the graph queries (_graph)
+
+
+def _nested_model():
+    inner_in = keras.Input((4,))
+    x = L.BatchNormalization(name="ibn")(L.Dense(4, name="idense")(inner_in))
+    inner = keras.Model(inner_in, L.Dense(3, name="iout")(x), name="inner")
+    inputs = keras.Input((5,))
+    y = inner(L.Dense(4, name="d")(inputs), training=False)
+    return keras.Model(inputs, L.BatchNormalization(name="obn")(y))
+
+
+def test_walk_layers_and_find_batchnorm_layers_see_nested_models():
+    model = _nested_model()
+    paths = [p for p, _ in walk_layers(model)]
+    assert paths.index("d") < paths.index("inner/idense") < paths.index("obn")
+    assert "inner/iout" in paths and "inner" in paths
+    assert [p for p, _ in find_batchnorm_layers(model)] == ["inner/ibn", "obn"]
+    with pytest.raises(TypeError, match="received an object of type ndarray"):
+        walk_layers(np.zeros(2))
+
+
+def test_layer_graph_looks_through_nested_models():
+    model = _nested_model()
+    layers = dict(walk_layers(model))
+    g = LayerGraph(model)
+    assert [p.name for p in g.parents(layers["inner/idense"])] == ["d"]
+    assert [c.name for c in g.children(layers["d"])] == ["idense"]
+    assert [p.name for p in g.parents(layers["obn"])] == ["iout"]
+    assert [c.name for c in g.children(layers["inner/iout"])] == ["obn"]
+    assert g.consumers(layers["d"]) == [(layers["inner/idense"], 0)]
+    assert g.consumers(layers["inner/iout"]) == [(layers["obn"], 0)]
+    assert g.consumers(layers["obn"]) == [(MODEL_OUTPUT, 0)]
+    assert [op.name for op in g.call_inputs(layers["obn"])] == ["inner"]  # not looked through
+    assert [x.name for x in g.output_layers()] == ["obn"]
+    assert [(p, t) for p, _, t in g.called_training_flags()] == [("inner", False)]
+    assert [p.name for p in g.walk_back(layers["obn"], (L.Dense,))] == ["ibn"]
+    assert [p.name for p in g.walk_back(layers["obn"], lambda p: p.name == "iout")] == ["ibn"]
+
+
+def test_layer_graph_counts_only_the_calls_in_the_graph():
+    shared = L.Dense(2, name="shared")
+    i1, i2 = keras.Input((2,)), keras.Input((2,))
+    model = keras.Model([i1, i2], L.Add()([shared(i1), shared(i2)]))
+    assert LayerGraph(model).call_count(shared) == 2
+    seq = keras.Sequential([keras.Input((3,))])
+    for name in ("a", "b", "c"):
+        seq.add(L.Dense(2, name=name))  # each add() builds a new graph, with new calls
+    g = LayerGraph(seq)
+    assert len(seq.get_layer("a")._inbound_nodes) > 1 and g.call_count(seq.get_layer("a")) == 1
+    assert g.consumers(seq.get_layer("a")) == [(seq.get_layer("b"), 0)]
+    assert g.consumers(seq.get_layer("c")) == [(MODEL_OUTPUT, 0)]

@@ -1,4 +1,4 @@
-"""Tests for bnutils.layers: the fused BN equals Keras's BN; ghost BN equals a NumPy reference."""
+"""bnutils.layers: fused BN equals Keras's BN, ghost BN a NumPy reference; noisy BN; conversion."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bnutils.layers import FusedBatchNormalization, GhostBatchNormalization, convert_batchnorm
+from bnutils._graph import find_batchnorm_layers
+from bnutils.layers import (
+    FusedBatchNormalization,
+    GhostBatchNormalization,
+    NoisyBatchNormalization,
+    convert_batchnorm,
+)
 
 # (input shape, axis): small batches so that the biased / unbiased variance difference shows.
 FUSED_CASES = [
@@ -40,8 +46,8 @@ def _pair(shape, axis=-1, seed=1, **kwargs):
     return keras_bn, fused_bn
 
 
-def _op_types(layer, x, training):
-    fn = tf.function(lambda t: layer(t, training=training))
+def _op_types(layer, x, training, **call_kwargs):
+    fn = tf.function(lambda t: layer(t, training=training, **call_kwargs))
     graph = fn.get_concrete_function(tf.TensorSpec(x.shape, x.dtype)).graph
     return {op.type for op in graph.get_operations()}
 
@@ -59,7 +65,6 @@ def _train_steps(layer, xs):
 @pytest.mark.parametrize("shape,axis", FUSED_CASES)
 def test_fused_matches_keras_outputs_and_moving_stats(shape, axis):
     keras_bn, fused_bn = _pair(shape, axis, momentum=0.9)
-    assert fused_bn.uses_fused_kernel(shape)
     assert "FusedBatchNormV3" in _op_types(fused_bn, _data(shape), training=True)
     assert "FusedBatchNormV3" in _op_types(fused_bn, _data(shape), training=False)
     xs = [_data(shape, seed=s) for s in range(100)]
@@ -159,9 +164,8 @@ def test_fused_falls_back_to_keras(shape, kwargs, call_kwargs):
     keras_bn, fused_bn = _pair(shape, **kwargs)
     dtype = kwargs.get("dtype", "float32")
     x = _data(shape, dtype=dtype)
-    assert not fused_bn.uses_fused_kernel(shape, dtype, call_kwargs.get("mask"))
-    if not call_kwargs:
-        assert "FusedBatchNormV3" not in _op_types(fused_bn, x, training=True)
+    for training in (True, False):
+        assert "FusedBatchNormV3" not in _op_types(fused_bn, x, training, **call_kwargs)
     for training in (True, False):
         np.testing.assert_allclose(
             fused_bn(x, training=training, **call_kwargs),
@@ -176,7 +180,7 @@ def test_fused_mixed_precision(policy, tol):
     shape = (4, 3, 3, 4)
     keras_bn, fused_bn = _pair(shape, dtype=policy, momentum=0.8)
     x = tf.cast(_data(shape), keras.mixed_precision.Policy(policy).compute_dtype)
-    assert fused_bn.uses_fused_kernel(shape, x.dtype)
+    assert "FusedBatchNormV3" in _op_types(fused_bn, x, training=True)
     assert fused_bn.gamma.dtype == "float32" and fused_bn.moving_mean.dtype == "float32"
     xs = [x * (1.0 + 0.1 * s) for s in range(10)]
     y_fused = _train_steps(fused_bn, xs)
@@ -293,15 +297,11 @@ def test_convert_batchnorm_swaps_class_and_keeps_weights(bn_class, kwargs):
     model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inner(x)))
     x = _train_a_little_gap(model)
     converted = convert_batchnorm(model, bn_class, **kwargs)
-    bns = [
-        la for la in converted._flatten_layers() if isinstance(la, keras.layers.BatchNormalization)
-    ]
+    bns = [la for _, la in find_batchnorm_layers(converted)]
     assert len(bns) == 2 and all(type(la) is bn_class for la in bns)
-    assert all(
-        type(la) is keras.layers.BatchNormalization
-        for la in model._flatten_layers()
-        if isinstance(la, keras.layers.BatchNormalization)
-    )
+    originals = find_batchnorm_layers(model)
+    assert len(originals) == 2
+    assert all(type(la) is keras.layers.BatchNormalization for _, la in originals)
     np.testing.assert_allclose(
         converted.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5
     )
@@ -462,9 +462,9 @@ def test_ghost_rejects_indivisible_batch():
 @pytest.mark.parametrize(
     "args,kwargs,match",
     [
-        ((0,), {}, "positive integer"),
-        ((2.5,), {}, "positive integer"),
-        ((None,), {}, "positive integer"),
+        ((0,), {}, "virtual_batch_size.*integer >= 1"),
+        ((2.5,), {}, "virtual_batch_size.*integer >= 1"),
+        ((None,), {}, "virtual_batch_size.*integer >= 1"),
         ((4,), {"renorm": True}, "renorm"),
         ((4,), {"synchronized": True}, "synchronized"),
     ],
@@ -491,6 +491,68 @@ def test_ghost_mixed_precision():
     ref, mean, var = _ghost_reference(x16, np.ones(2), np.zeros(2), 2, -1, 1e-3)
     np.testing.assert_allclose(tf.cast(y, "float32"), ref, atol=5e-3, rtol=5e-3)
     np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- noisy BN
+
+
+def test_noisy_bn_is_identity_in_inference():
+    layer = NoisyBatchNormalization(shift=2.0, scale=3.0, seed=1)
+    x = np.random.default_rng(1).normal(size=(16, 5)).astype("float32")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x)), x)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x, training=False)), x)
+
+
+def test_noisy_bn_adds_a_per_channel_affine_distortion_that_changes_each_step():
+    layer = NoisyBatchNormalization(shift=0.5, scale=1.0, seed=3)
+    x = np.random.default_rng(2).normal(size=(32, 4)).astype("float32")
+    step = tf.function(lambda t: layer(t, training=True))
+    y1, y2 = step(x).numpy(), step(x).numpy()
+    for y in (y1, y2):
+        assert not np.allclose(y, x)
+        for c in range(4):  # y[:, c] = s_c * x[:, c] + m_c exactly
+            s, m = np.polyfit(x[:, c], y[:, c], 1)
+            np.testing.assert_allclose(y[:, c], s * x[:, c] + m, atol=1e-5)
+            assert 1 / 2.0 - 1e-6 <= s <= 2.0 + 1e-6 and abs(m) <= 0.5 + 1e-6
+    assert not np.allclose(y1, y2), "the noise must be redrawn every step"
+    means = (y1 - x).mean(axis=0)
+    assert np.all(np.abs(means) > 0), "non-zero mean shift"
+
+
+def test_noisy_bn_on_conv_inputs_and_bad_arguments():
+    layer = NoisyBatchNormalization(shift=0.0, scale=1.0, seed=0)
+    x = np.ones((8, 3, 3, 2), dtype="float32")
+    ratio = keras.ops.convert_to_numpy(layer(x, training=True)) / x
+    assert np.allclose(ratio, ratio[:1, :1, :1, :])  # one draw per channel for the whole batch
+    assert not np.allclose(ratio[..., 0], ratio[..., 1])  # differs between channels
+    with pytest.raises(ValueError, match="non-negative"):
+        NoisyBatchNormalization(shift=-1.0)
+    with pytest.raises(ValueError, match="integer"):
+        NoisyBatchNormalization(axis=1.5)
+    with pytest.raises(ValueError, match=r"rank >= 2.*\(8,\)"):
+        NoisyBatchNormalization()(np.ones(8, "float32"))
+
+
+def test_noisy_bn_serializes(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(5),
+            keras.layers.BatchNormalization(),
+            NoisyBatchNormalization(shift=0.3, scale=0.2, seed=7, name="noisy"),
+        ]
+    )
+    path = tmp_path / "noisy.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    layer = loaded.get_layer("noisy")
+    assert isinstance(layer, NoisyBatchNormalization)
+    assert (layer.shift, layer.scale, layer.seed) == (0.3, 0.2, 7)
+    x = np.random.default_rng(0).normal(size=(4, 5)).astype("float32")
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=0, atol=1e-6
+    )
 
 
 # ---------------------------------------------------------------- the benchmark's plumbing

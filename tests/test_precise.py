@@ -9,11 +9,8 @@ keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
 import bnutils  # noqa: E402
-from bnutils.precise import (  # noqa: E402
-    batchnorm_input_statistics,
-    find_batchnorm_layers,
-    recalibrate_batchnorm,
-)
+from bnutils._graph import find_batchnorm_layers  # noqa: E402
+from bnutils.precise import batchnorm_input_statistics, recalibrate_batchnorm  # noqa: E402
 
 L = keras.layers
 
@@ -32,7 +29,9 @@ def _lagging_mlp(ds):
         L.Dense(32, use_bias=False), L.BatchNormalization(momentum=0.99), L.ReLU(),
         L.Dense(10, activation="softmax"),
     ])  # fmt: skip
-    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     model.fit(ds.x_train, ds.y_train, batch_size=64, epochs=1, verbose=0)
     return model
 
@@ -58,8 +57,9 @@ def test_recalibration_matches_population_statistics_and_improves_accuracy(fmnis
     before = model.evaluate(fmnist.x_val, fmnist.y_val, verbose=0)[1]
     trainable_before = [v.numpy().copy() for v in model.trainable_variables]
 
-    report = recalibrate_batchnorm(model, fmnist.x_train, num_batches=None, batch_size=50,
-                                   shuffle=False)
+    report = recalibrate_batchnorm(
+        model, fmnist.x_train, num_batches=None, batch_size=50, shuffle=False
+    )
 
     after = model.evaluate(fmnist.x_val, fmnist.y_val, verbose=0)[1]
     inputs, _ = _reference_stats(model, fmnist.x_train, 50)
@@ -82,16 +82,25 @@ def test_variance_modes_pooled_vs_average_of_batch_variances(fmnist):
     x = fmnist.x_train[:1000]
     inputs, _ = _reference_stats(model, x, 100)
     batches = [h.reshape(10, 100, -1) for h in inputs]  # (batch, example, channel)
-    recalibrate_batchnorm(model, x, num_batches=None, batch_size=100, shuffle=False,
-                          variance="batch_mean", layers=[bn1, bn2])
+    recalibrate_batchnorm(
+        model,
+        x,
+        num_batches=None,
+        batch_size=100,
+        shuffle=False,
+        variance="batch_mean",
+        layers=[bn1, bn2],
+    )
     batch_means = [bn.moving_variance.numpy().copy() for bn in (bn1, bn2)]
-    recalibrate_batchnorm(model, x, num_batches=None, batch_size=100, shuffle=False,
-                          layers=[bn1.name, bn2])
+    recalibrate_batchnorm(
+        model, x, num_batches=None, batch_size=100, shuffle=False, layers=[bn1.name, bn2]
+    )
     for bn, b, batch_mean in zip((bn1, bn2), batches, batch_means, strict=True):
         np.testing.assert_allclose(batch_mean, b.var(1).mean(0), rtol=1e-3, atol=1e-4)
         between = b.mean(1).var(0)
-        np.testing.assert_allclose(bn.moving_variance.numpy(), batch_mean + between,
-                                   rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(
+            bn.moving_variance.numpy(), batch_mean + between, rtol=1e-3, atol=1e-4
+        )
     # BN1's input (a linear map of the pixels) has batch means that really differ.
     assert np.median(batches[0].mean(1).var(0) / batch_means[0]) > 0.005
 
@@ -155,8 +164,9 @@ def test_nested_subclass_axis_and_frozen_layers():
     # bn_axis1 normalizes the 4 channels of a (N, 4, 36) tensor over axes 0 and 2.
     assert model.get_layer("bn_axis1").moving_mean.shape == (4,)
     stats = batchnorm_input_statistics(model, x, training=True, batch_size=32, layers="bn_axis1")
-    np.testing.assert_allclose(model.get_layer("bn_axis1").moving_mean.numpy(), stats[0].mean,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        model.get_layer("bn_axis1").moving_mean.numpy(), stats[0].mean, rtol=1e-5, atol=1e-6
+    )
     assert stats[0].count == 96 * 36 and stats[0].used_batch_stats is True
 
     # Named explicitly, a frozen layer is recalibrated too (it runs in inference mode, so
@@ -196,9 +206,9 @@ def test_inference_statistics_leave_the_model_unchanged(fmnist):
 def test_bad_arguments_raise_helpful_errors(fmnist):
     model = _lagging_mlp(fmnist)
     x = fmnist.x_train[:64]
-    with pytest.raises(ValueError, match="batch_size must be an integer >= 2"):
+    with pytest.raises(ValueError, match="`batch_size` must be an integer >= 2"):
         recalibrate_batchnorm(model, x, batch_size=1)
-    with pytest.raises(ValueError, match="variance must be one of"):
+    with pytest.raises(ValueError, match="`variance` must be one of"):
         recalibrate_batchnorm(model, x, variance="ema")
     with pytest.raises(ValueError, match="No BatchNormalization layer named 'nope'"):
         recalibrate_batchnorm(model, x, layers="nope")

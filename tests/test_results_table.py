@@ -1,4 +1,4 @@
-"""tools/results_table.py: the lines it derives from the benchmark result files."""
+"""tools/results_table.py and bnutils.results: the result schema, tables, README lines."""
 
 from __future__ import annotations
 
@@ -9,15 +9,18 @@ from bnutils.config import repo_root
 
 def _tool():
     spec = importlib.util.spec_from_file_location(
-        "results_table", repo_root() / "tools" / "results_table.py")
+        "results_table", repo_root() / "tools" / "results_table.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def _tta(epochs_none, epochs_bn, reached_bn=True):
-    rows = [{"variant": "none", "best lr": 1e-3, "reached": True, "epochs": epochs_none},
-            {"variant": "fused", "best lr": 1e-3, "reached": reached_bn, "epochs": epochs_bn}]
+    rows = [
+        {"variant": "none", "best lr": 1e-3, "reached": True, "epochs": epochs_none},
+        {"variant": "fused", "best lr": 1e-3, "reached": reached_bn, "epochs": epochs_bn},
+    ]
     return {"rows": rows, "runs": []}
 
 
@@ -42,3 +45,84 @@ def test_best_accuracy_reports_where_the_cosine_schedule_stood():
     assert "was then 79% of its start" in tool._render_best_accuracy(_best(6, 20))
     assert "was then 50% of its start" in tool._render_best_accuracy(_best(10, 20))
     assert "planned epochs" not in tool._render_best_accuracy(_best(20, 20))
+
+
+def test_source_line_reads_the_one_result_schema():
+    tool = _tool()
+    d = {
+        "machine": {"platform": None, "processor": "x86_64", "cpu_count": 2, "cpu_flags": None},
+        "versions": {
+            "python": "3.11.7",
+            "numpy": None,
+            "bnutils": None,
+            "keras": "3.15.1",
+            "tensorflow": "2.21.0",
+        },
+    }
+    assert tool._machine(d) == "x86_64, 2 CPUs; Python 3.11.7, Keras 3.15.1, TensorFlow 2.21.0"
+
+
+def test_committed_result_files_follow_the_schema():
+    from bnutils.results import SCHEMA, read_result
+
+    res = repo_root() / "results"
+    names = [f for f, _, _ in _tool()._SECTIONS] + ["A1_multiworker/summary.json"]
+    files = [res / n for n in names if (res / n).is_file()]  # the README's sources and A1's
+    assert files
+    for p in files:
+        d = read_result(p)
+        assert list(d)[: len(SCHEMA)] == list(SCHEMA), p
+        assert d["name"] == p.stem and d["profile"] in ("quick", "full"), p
+        assert set(d["machine"]) == {"platform", "processor", "cpu_count", "cpu_flags"}, p
+        assert set(d["versions"]) == {"python", "numpy", "bnutils", "keras", "tensorflow"}, p
+        assert d["command"] is None or all(isinstance(c, str) for c in d["command"]), p
+
+
+# ---------------------------------------------------------------- bnutils.results
+
+
+def test_write_result_then_read_result(tmp_path, monkeypatch):
+    import json
+    import math
+
+    import numpy as np
+    import pytest
+
+    from bnutils import config
+    from bnutils.results import SCHEMA, read_result, write_result
+
+    data = {"rows": [{"acc": np.float32(0.5), "loss": math.nan}], "seeds": np.arange(3)}
+    path = write_result(
+        "demo", data, command=["python", str(repo_root() / "x.py")], directory=tmp_path
+    )
+    assert path == tmp_path / "demo.json" and not list(tmp_path.glob(".*partial*"))
+    d = read_result(path)
+    assert list(d) == [*SCHEMA, "rows", "seeds"]
+    assert d["name"] == "demo" and d["profile"] == config.get_profile().name
+    assert d["command"] == ["python", "x.py"], "paths inside the repository are made relative"
+    assert d["rows"] == [{"acc": 0.5, "loss": None}] and d["seeds"] == [0, 1, 2]
+    assert set(d["machine"]) == {"platform", "processor", "cpu_count", "cpu_flags"}
+    assert d["versions"]["numpy"] == np.__version__
+    assert write_result("q", {}, directory=tmp_path, profile="quick").name == "q.json"
+    assert read_result(tmp_path / "q.json")["profile"] == "quick"
+    monkeypatch.setattr(config, "results_dir", lambda: tmp_path / "default")
+    assert write_result("d", {"x": 1}).parent == tmp_path / "default"
+    with pytest.raises(ValueError, match="fills in"):
+        write_result("bad", {"date": "today"}, directory=tmp_path)
+    with pytest.raises(ValueError, match="file stem"):
+        write_result("sub/bad", {}, directory=tmp_path)
+    (tmp_path / "old.json").write_text(json.dumps({"rows": [], "created_utc": "2026"}))
+    with pytest.raises(ValueError, match="lacks the result-schema keys"):
+        read_result(tmp_path / "old.json")
+
+
+def test_tables():
+    from bnutils.results import make_table
+
+    t = make_table([{"model": "bn", "acc": 0.91234, "ok": True}, {"model": "plain", "acc": None}])
+    md = t.to_markdown()
+    assert md.splitlines()[0] == "| model | acc | ok |"
+    assert "| bn | 0.912 | yes |" in md and "| plain | n/a | n/a |" in md
+    assert t._repr_markdown_() == md and t.to_dict()["rows"][0]["model"] == "bn"
+    assert "| 0.0003 |" in str(make_table([{"lr": 3e-4}])), "3e-4 must not print as 0.000"
+    assert make_table([{"a": 1, "b": 2}], columns=["b", "a"]).columns == ["b", "a"]

@@ -34,8 +34,9 @@ def _data(shape, n=32):
 def test_same_outputs_as_keras(shape, training):
     keras_bn, scratch = _pair(shape)
     x = _data(shape)
-    np.testing.assert_allclose(scratch(x, training=training), keras_bn(x, training=training),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        scratch(x, training=training), keras_bn(x, training=training), rtol=1e-5, atol=1e-5
+    )
     # training mode normalizes with the batch statistics: mean 0 per channel before gamma/beta
     if training:
         y = (np.asarray(scratch(x, training=True)) - scratch.beta.numpy()) / scratch.gamma.numpy()
@@ -48,11 +49,13 @@ def test_moving_statistics_after_50_steps(shape):
     start = scratch.moving_mean.numpy().copy()
     for _ in range(50):
         x = _data(shape, n=16)
-        np.testing.assert_allclose(scratch(x, training=True), keras_bn(x, training=True),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            scratch(x, training=True), keras_bn(x, training=True), rtol=1e-5, atol=1e-5
+        )
     for name in ("moving_mean", "moving_variance"):
-        np.testing.assert_allclose(getattr(scratch, name).numpy(),
-                                   getattr(keras_bn, name).numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            getattr(scratch, name).numpy(), getattr(keras_bn, name).numpy(), rtol=1e-5, atol=1e-5
+        )
     # after 50 steps of momentum 0.9 the moving mean has reached the data's mean (2)
     assert np.abs(scratch.moving_mean.numpy() - start).max() > 0.5
     np.testing.assert_allclose(scratch.moving_mean.numpy(), 2.0, atol=0.5)
@@ -74,8 +77,9 @@ def test_frozen_layer_uses_moving_statistics_and_does_not_update():
     scratch.trainable = keras_bn.trainable = False
     x = _data((None, 4))
     before = scratch.moving_mean.numpy().copy()
-    np.testing.assert_allclose(scratch(x, training=True), keras_bn(x, training=True),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        scratch(x, training=True), keras_bn(x, training=True), rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_array_equal(scratch.moving_mean.numpy(), before)
 
 
@@ -98,8 +102,9 @@ def test_channels_first_axis_and_no_center_scale():
     keras_bn, scratch = _pair((None, 3, 4, 4), axis=1, center=False, scale=False)
     x = _data((None, 3, 4, 4))
     for training in (True, False):
-        np.testing.assert_allclose(scratch(x, training=training),
-                                   keras_bn(x, training=training), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            scratch(x, training=training), keras_bn(x, training=training), rtol=1e-5, atol=1e-5
+        )
     assert scratch.gamma is None and scratch.beta is None
 
 
@@ -125,3 +130,93 @@ def test_bad_arguments():
         ScratchBatchNormalization(epsilon=0.0)
     with pytest.raises(ValueError, match=r"rank >= 2.*\(3,\)"):
         ScratchBatchNormalization()(np.zeros(3, "float32"))
+
+
+# ---------------------------------------------------------------- Keras's arguments and config
+
+
+KERAS_OPTIONS = dict(
+    axis=1,
+    momentum=0.7,
+    epsilon=1e-2,
+    beta_initializer="random_normal",
+    gamma_initializer=keras.initializers.Constant(1.5),
+    moving_variance_initializer="ones",
+    beta_regularizer=keras.regularizers.L1(0.2),
+    gamma_regularizer=keras.regularizers.L2(0.1),
+    beta_constraint=keras.constraints.NonNeg(),
+    gamma_constraint=keras.constraints.MaxNorm(2.0),
+    name="bn",
+)
+
+
+def test_from_config_of_a_keras_layer_round_trips():
+    keras_bn = keras.layers.BatchNormalization(**KERAS_OPTIONS)
+    config = keras_bn.get_config()
+    scratch = ScratchBatchNormalization.from_config(config)
+    assert scratch.get_config() == config
+    back = keras.layers.BatchNormalization.from_config(scratch.get_config())
+    assert back.get_config() == config
+    default = keras.layers.BatchNormalization().get_config()
+    assert ScratchBatchNormalization.from_config(default).get_config() == default
+
+
+def test_regularizers_add_the_same_losses_as_keras():
+    keras_bn, scratch = _pair((None, 3, 4), **KERAS_OPTIONS)
+    gamma, beta = scratch.gamma.numpy(), scratch.beta.numpy()
+    expected = 0.1 * np.sum(gamma**2) + 0.2 * np.sum(np.abs(beta))
+    assert len(scratch.losses) == 2
+    np.testing.assert_allclose(sum(np.asarray(v) for v in scratch.losses), expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        sum(np.asarray(v) for v in scratch.losses),
+        sum(np.asarray(v) for v in keras_bn.losses),
+        rtol=1e-6,
+    )
+
+
+def test_constraints_are_applied_in_training_like_keras():
+    def model(layer):
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((3, 4)), layer])
+        m.compile(keras.optimizers.SGD(1.0), loss=lambda y, p: keras.ops.mean(p))
+        return m
+
+    x = _data((None, 3, 4), n=8)
+    models = [
+        model(cls(**KERAS_OPTIONS))
+        for cls in (keras.layers.BatchNormalization, ScratchBatchNormalization)
+    ]
+    for m in models:
+        m.fit(x, np.zeros((8,)), batch_size=8, epochs=2, verbose=0, shuffle=False)
+    beta = models[1].layers[0].beta.numpy()
+    # the loss pushes beta down; NonNeg clips it at 0, and MaxNorm keeps |gamma| <= 2
+    np.testing.assert_array_equal(beta, np.zeros_like(beta))
+    assert np.linalg.norm(models[1].layers[0].gamma.numpy()) <= 2.0 + 1e-5
+    for a, b in zip(models[0].weights, models[1].weights, strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_keras_options_give_keras_outputs(training):
+    keras_bn, scratch = _pair((None, 3, 4), **KERAS_OPTIONS)
+    x = _data((None, 3, 4))
+    for _ in range(3):
+        np.testing.assert_allclose(
+            scratch(x, training=training), keras_bn(x, training=training), rtol=1e-5, atol=1e-5
+        )
+    np.testing.assert_allclose(scratch.moving_mean.numpy(), keras_bn.moving_mean.numpy())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"synchronized": True}, r"synchronized=True.*expected synchronized=False.*keras\.layers"),
+        ({"renorm": True}, r"renorm=True.*expected renorm=False.*keras\.layers"),
+    ],
+)
+def test_unsupported_options_raise_a_helpful_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ScratchBatchNormalization(**kwargs)
+    config = keras.layers.BatchNormalization(**kwargs).get_config()
+    with pytest.raises(TypeError, match=match):  # Keras wraps errors raised in from_config
+        ScratchBatchNormalization.from_config(config)

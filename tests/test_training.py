@@ -1,7 +1,10 @@
-"""bnutils.training: determinism, the result cache, divergence, targets, saved models."""
+"""bnutils.training and bnutils.cache: determinism, the run cache and its key, divergence,
+saved models."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 
@@ -9,9 +12,11 @@ import keras
 import numpy as np
 import pytest
 
+from bnutils import cache
 from bnutils.callbacks import MovingStatsTracker
 from bnutils.data import load_dataset
-from bnutils.training import TrainResult, _fingerprint, load_result, resolve_verbose, train
+from bnutils.repro import set_seed
+from bnutils.training import TrainResult, load_result, resolve_verbose, train
 
 
 @pytest.fixture(scope="module")
@@ -70,35 +75,50 @@ def test_second_call_comes_from_cache_and_trains_nothing(data):
 def test_key_changes_with_what_changes_the_run(data, tmp_path):
     base = train(build_mlp, data, epochs=1, batch_size=64, results_dir=tmp_path)
     other_lr = train(build_mlp, data, epochs=1, batch_size=64, lr=0.01, results_dir=tmp_path)
-    other_cfg = train(build_mlp, data, epochs=1, batch_size=64, config={"note": "x"},
-                      results_dir=tmp_path)
-    smaller = train(build_mlp, data.subset(256, 256, 256), epochs=1, batch_size=64,
-                    results_dir=tmp_path)
+    other_cfg = train(
+        build_mlp, data, epochs=1, batch_size=64, config={"note": "x"}, results_dir=tmp_path
+    )
+    smaller = train(
+        build_mlp, data.subset(256, 256, 256), epochs=1, batch_size=64, results_dir=tmp_path
+    )
     keys = {base.key, other_lr.key, other_cfg.key, smaller.key}
     assert len(keys) == 4 and not any(r.from_cache for r in (other_lr, other_cfg, smaller))
     assert len(list(tmp_path.glob("*.json"))) == 4
     assert base.config["user"] == {} and other_cfg.config["user"] == {"note": "x"}
 
 
-def test_builder_fingerprint_sees_arguments_closures_and_globals():
-    def closure(flag):
-        return lambda: build_mlp(bn=flag)
-
-    assert _fingerprint(lambda: build_mlp(bn=True)) != _fingerprint(lambda: build_mlp(bn=False))
-    assert _fingerprint(closure(True)) != _fingerprint(closure(False))
-    assert _fingerprint(closure(True)) == _fingerprint(closure(True))
-    import functools
-
-    assert _fingerprint(functools.partial(build_mlp, bn=True)) != _fingerprint(
-        functools.partial(build_mlp, bn=False))
-    g = {"build_mlp": build_mlp, "BN": True}
-    f_true = eval("lambda: build_mlp(bn=BN)", g)
-    fp_true = _fingerprint(f_true)
-    g["BN"] = False
-    assert _fingerprint(f_true) != fp_true, "a global flag read by the builder counts"
+def run_key(builder, data, seed=0, lr=0.01, **settings):
+    """The key train() computes: seeded, built, then described with the settings."""
+    set_seed(seed)
+    model = builder()
+    optimizer = keras.optimizers.SGD(lr)
+    return cache.run_key(model, data, "k", optimizer=optimizer, seed=seed, **settings)
 
 
-def test_model_instance_fingerprint_ignores_generated_names_not_weights():
+def test_run_key_is_what_the_run_is(data):
+    base = run_key(build_mlp, data)
+    assert base == run_key(build_mlp, data), "the same run must give the same key"
+    assert base.startswith("k-") and len(base) == len("k-") + 12
+    assert run_key(build_mlp, data, lr=0.1) != base
+    assert run_key(build_mlp, data, epochs=3) != run_key(build_mlp, data, epochs=2)
+    assert run_key(build_mlp, data.subset(256, 256, 256)) != base, "other data"
+    labels = data.y_train.copy()
+    labels[0] = (labels[0] + 1) % 10
+    other_labels = dataclasses.replace(data, y_train=labels)
+    assert run_key(build_mlp, other_labels) != base, "the digest covers every training label"
+    assert run_key(functools.partial(build_mlp, bn=True), data) != base, "other architecture"
+    assert run_key(functools.partial(build_mlp, activation="tanh"), data) != base
+    assert run_key(build_mlp, data, seed=1) != base, "other initial weights (and seed)"
+
+    def shifted():
+        model = build_mlp()
+        model.get_layer("d1").kernel.assign(model.get_layer("d1").kernel + 1.0)
+        return model
+
+    assert run_key(shifted, data) != base, "same architecture and seed, other initial weights"
+
+
+def test_model_description_ignores_generated_names_not_weights():
     def unnamed():
         return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)])
 
@@ -107,17 +127,40 @@ def test_model_instance_fingerprint_ignores_generated_names_not_weights():
     keras.utils.set_random_seed(1)
     second = unnamed()  # same weights, but layers named dense_<n+2>, ...
     assert first.layers[0].name != second.layers[0].name
-    assert _fingerprint(first) == _fingerprint(second)
+    assert cache.describe(first) == cache.describe(second)
     second.layers[0].kernel.assign(second.layers[0].kernel + 1.0)
-    assert _fingerprint(first) != _fingerprint(second)
+    assert cache.describe(first) != cache.describe(second)
+
+
+def test_builder_code_and_closures_do_not_count_only_the_model(data, tmp_path):
+    """Two builders written differently that build the same model share one cached run."""
+
+    def closure(flag, note):
+        return lambda: build_mlp(bn=flag)  # `note` is captured but changes nothing
+
+    first = train(closure(True, "a"), data, epochs=1, batch_size=128, results_dir=tmp_path)
+    for builder in (
+        closure(True, "b"),
+        lambda: build_mlp(True),
+        functools.partial(build_mlp, bn=True),
+    ):
+        again = train(builder, data, epochs=1, batch_size=128, results_dir=tmp_path)
+        assert again.from_cache and again.key == first.key
+    other = train(closure(False, "a"), data, epochs=1, batch_size=128, results_dir=tmp_path)
+    assert not other.from_cache and other.key != first.key
 
 
 def test_divergence_is_recorded_not_raised(data, capsys):
     def deep_relu():
-        return keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
-                                 keras.layers.Dense(32, activation="relu"),
-                                 keras.layers.Dense(32, activation="relu"),
-                                 keras.layers.Dense(10)])
+        return keras.Sequential(
+            [
+                keras.Input((28, 28, 1)),
+                keras.layers.Flatten(),
+                keras.layers.Dense(32, activation="relu"),
+                keras.layers.Dense(32, activation="relu"),
+                keras.layers.Dense(10),
+            ]
+        )
 
     result = train(deep_relu, data, epochs=3, batch_size=64, optimizer="sgd", lr=1e6)
     assert result.diverged
@@ -132,8 +175,16 @@ def test_divergence_is_recorded_not_raised(data, capsys):
 
 
 def test_result_round_trip_and_configuration(data):
-    r = train(lambda: build_mlp(bn=True), data, epochs=1, batch_size=128, optimizer="momentum",
-              lr=0.05, run_name="BN MLP", seed=7)
+    r = train(
+        lambda: build_mlp(bn=True),
+        data,
+        epochs=1,
+        batch_size=128,
+        optimizer="momentum",
+        lr=0.05,
+        run_name="BN MLP",
+        seed=7,
+    )
     again = TrainResult.from_dict(json.loads(json.dumps(r.to_dict())))
     assert again == r
     cfg = r.config
@@ -141,24 +192,17 @@ def test_result_round_trip_and_configuration(data):
     assert cfg["model_name"] == "mlp_bn" and cfg["params"] == r.model.count_params()
     assert cfg["optimizer"] == "SGD" and cfg["optimizer_config"]["momentum"] == pytest.approx(0.9)
     assert cfg["lr"] == pytest.approx(0.05)
-    assert cfg["dataset"] == {"name": "fashion_mnist", "scale": "unit", "train_size": 512,
-                              "val_size": 256}
-    assert cfg["profile"] == "quick" and r.seed == 7
+    assert cfg["dataset"] == {
+        "name": "fashion_mnist",
+        "scale": "unit",
+        "train_size": 512,
+        "val_size": 256,
+    }
+    assert cfg["profile"] == "quick" and r.seed == 7 and r.format_version == 2
     assert r.steps == r.steps_per_epoch == 4 and len(r.epoch_times) == 1
     assert r.total_time >= sum(r.epoch_times) > 0
-    assert set(r.versions) == {"python", "numpy", "keras", "tensorflow"}
-
-
-def test_target_accuracy_from_history_and_recomputed_on_cache(data):
-    r = train(build_mlp, data, epochs=2, batch_size=64, target_accuracy=0.05)
-    assert r.target_epoch == 1
-    assert r.target_seconds == pytest.approx(r.epoch_times[0])
-    never = train(build_mlp, data, epochs=2, batch_size=64, target_accuracy=1.0)
-    assert never.from_cache and never.target_epoch is None and never.target_seconds is None
-    mid = max(r.val_accuracy)
-    cached = train(build_mlp, data, epochs=2, batch_size=64, target_accuracy=mid)
-    expected = 1 + int(np.argmax(np.asarray(r.val_accuracy) >= mid))
-    assert cached.from_cache and cached.target_epoch == expected
+    assert set(r.versions) == {"python", "numpy", "bnutils", "keras", "tensorflow"}
+    assert r.machine["cpu_count"] >= 1 and r.created.endswith("+00:00")
 
 
 def test_tracker_records_survive_the_cache(data):
@@ -176,45 +220,50 @@ def test_tracker_records_survive_the_cache(data):
 def test_save_model_and_reload_from_cache(data, tmp_path):
     r = train(build_mlp, data, epochs=1, batch_size=128, save_model=True, results_dir=tmp_path)
     assert r.model_path and r.model_path.endswith(f"{r.key}.keras")
-    again = train(build_mlp, data, epochs=1, batch_size=128, save_model=True,
-                  results_dir=tmp_path)
+    again = train(build_mlp, data, epochs=1, batch_size=128, save_model=True, results_dir=tmp_path)
     assert again.from_cache and again.model is not None
     x = data.x_val[:16]
-    np.testing.assert_allclose(again.model.predict(x, verbose=0), r.model.predict(x, verbose=0),
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        again.model.predict(x, verbose=0), r.model.predict(x, verbose=0), rtol=0, atol=1e-6
+    )
 
 
 def test_compiled_model_keeps_its_compile_settings(data):
     model = build_mlp()
-    model.compile(optimizer=keras.optimizers.RMSprop(0.002),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.RMSprop(0.002),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     r = train(model, data, epochs=1, batch_size=128)
     assert r.config["optimizer"] == "RMSprop" and r.config["lr"] == pytest.approx(0.002)
     assert r.model is model and len(r.val_accuracy) == 1
-
-
-def test_strategy_builds_inside_scope(data):
-    import tensorflow as tf
-
-    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    r = train(build_mlp, data, epochs=1, batch_size=128, strategy=strategy)
-    assert r.config["strategy"] == "OneDeviceStrategy" and r.config["replicas"] == 1
-    assert r.model.distribute_strategy is strategy
-    assert r.steps == 4
 
 
 def test_augment_is_applied_to_training_batches_only(data, tmp_path):
     import tensorflow as tf
 
     plain = train(build_mlp, data, epochs=1, batch_size=128, results_dir=tmp_path)
-    blank = train(build_mlp, data, epochs=1, batch_size=128, results_dir=tmp_path,
-                  augment=lambda x, y: (tf.zeros_like(x), y))
+    blank = train(
+        build_mlp,
+        data,
+        epochs=1,
+        batch_size=128,
+        results_dir=tmp_path,
+        augment=lambda x, y: (tf.zeros_like(x), y),
+    )
     assert blank.key != plain.key
     assert blank.history["loss"] != plain.history["loss"]
     # trained on blank images, the first layer's kernel never gets a gradient
-    grads_free = train(build_mlp, data, epochs=1, batch_size=128, results_dir=tmp_path,
-                       augment=lambda x, y: (tf.zeros_like(x), y), force=True)
+    grads_free = train(
+        build_mlp,
+        data,
+        epochs=1,
+        batch_size=128,
+        results_dir=tmp_path,
+        augment=lambda x, y: (tf.zeros_like(x), y),
+        force=True,
+    )
     kernel = grads_free.model.get_layer("d1").kernel.numpy()
     keras.utils.set_random_seed(0)
     fresh = build_mlp().get_layer("d1").kernel.numpy()
@@ -242,29 +291,56 @@ def test_verbose_is_quiet_under_tests(monkeypatch):
     assert resolve_verbose() == 0
 
 
-def test_mirrored_strategy_counts_steps(data):
-    """Under MirroredStrategy the optimizer's step counter is a distributed variable."""
-    import tensorflow as tf
+def test_unseeded_initializer_seed_does_not_count_its_weights_do():
+    """Keras draws a random seed for RandomNormal(seed=None) at construction (per process);
+    the key sees the config (seed=None) and the weights it drew, not the drawn seed."""
 
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
-    r = train(build_mlp, data, epochs=1, batch_size=128, strategy=strategy)
-    assert r.steps == r.steps_per_epoch > 0
-    assert r.model.distribute_strategy is strategy
-
-
-def test_unseeded_initializer_in_a_builder_gives_the_same_key_every_time():
-    """Keras draws a random seed for RandomNormal(seed=None) at construction; two such
-    initializers (as in two processes) must fingerprint alike, and a seeded one differently."""
-    from bnutils.training import _fingerprint
-
-    def closure(init):
-        return lambda: keras.layers.Dense(2, kernel_initializer=init)
+    def model_with(init):
+        layer = keras.layers.Dense(2, kernel_initializer=init, name="d")
+        return keras.Sequential([keras.Input((3,)), layer])
 
     a = keras.initializers.RandomNormal(stddev=0.1)
     b = keras.initializers.RandomNormal(stddev=0.1)
-    assert a.seed != b.seed  # the per-object draw that used to leak into the key
-    assert _fingerprint(closure(a)) == _fingerprint(closure(b))
-    assert _fingerprint(closure(a)) != _fingerprint(closure(keras.initializers.RandomNormal(
-        stddev=0.1, seed=3)))
-    assert _fingerprint(closure(a)) != _fingerprint(closure(keras.initializers.RandomNormal(
-        stddev=0.2)))
+    assert a.seed != b.seed  # the per-object draw that must not leak into the key
+    first, second = model_with(a), model_with(b)
+    second.set_weights(first.get_weights())
+    assert cache.describe(first) == cache.describe(second)
+    seeded = model_with(keras.initializers.RandomNormal(stddev=0.1, seed=3))
+    seeded.set_weights(first.get_weights())
+    assert cache.describe(seeded) != cache.describe(first), "an explicit seed is config"
+    wider = model_with(keras.initializers.RandomNormal(stddev=0.2))
+    wider.set_weights(first.get_weights())
+    assert cache.describe(wider) != cache.describe(first)
+
+
+def test_unseeded_initializer_inside_a_builder_gives_the_same_key_every_time(data):
+    """train() seeds before building, so the initializer's drawn seed repeats too."""
+
+    def builder():
+        init = keras.initializers.RandomNormal(stddev=0.1)
+        return keras.Sequential(
+            [
+                keras.Input((28, 28, 1)),
+                keras.layers.Flatten(),
+                keras.layers.Dense(10, kernel_initializer=init),
+            ]
+        )
+
+    assert run_key(builder, data) == run_key(builder, data)
+
+
+def test_unreadable_runs_are_trained_again_and_newer_formats_refused(data, tmp_path):
+    first = train(build_mlp, data, epochs=1, batch_size=128, results_dir=tmp_path)
+    saved = json.loads(open(first.path).read())
+    assert saved["format_version"] == cache.FORMAT_VERSION == 2
+    assert cache.lookup(tmp_path, first.key).history == first.history
+    assert cache.lookup(tmp_path, "no-such-run") is None
+    open(first.path, "w").write("{not json")
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = train(build_mlp, data, epochs=1, batch_size=128, results_dir=tmp_path)
+    assert not again.from_cache and again.key == first.key
+    newer = {**saved, "format_version": 3}
+    with pytest.raises(ValueError, match="format 3"):
+        TrainResult.from_dict(newer)
+    with pytest.raises(ValueError, match="Not a saved TrainResult"):
+        TrainResult.from_dict({"history": {}})

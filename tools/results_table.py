@@ -10,10 +10,12 @@ as "not yet measured" rather than invented.
 
 from __future__ import annotations
 
-import json
 import math
+import shlex
 import sys
 from pathlib import Path
+
+from bnutils.results import make_table, read_result
 
 ROOT = Path(__file__).resolve().parent.parent
 RES = ROOT / "results"
@@ -23,26 +25,18 @@ NB_START, NB_END = "<!-- notebooks:start -->", "<!-- notebooks:end -->"
 
 def _load(name: str):
     p = RES / name
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
-def _fmt(x, digits=3):
-    if x is None:
-        return "n/a"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, float):
-        if x != 0 and abs(x) < 10 ** -digits * 10:  # 3e-4 must not print as 0.000
-            return f"{x:.{digits}g}"
-        return f"{x:.{digits}f}"
-    return str(x)
+    return read_result(p) if p.is_file() else None
 
 
 def _machine(d) -> str:
-    m = d.get("machine") if isinstance(d, dict) else None
-    if isinstance(m, dict):
-        return ", ".join(f"{k} {v}" for k, v in m.items())
-    return str(m) if m else "unknown machine"
+    """Machine and versions of a result file, e.g. ``x86_64, 2 CPUs; Keras 3.15.1``."""
+    m, v = d["machine"], d["versions"]
+    cpus = f"{m['cpu_count']} CPUs" if m.get("cpu_count") else None
+    flags = f"flags {' '.join(m['cpu_flags'])}" if m.get("cpu_flags") else None
+    machine = ", ".join(x for x in (m.get("platform"), m.get("processor"), cpus, flags) if x)
+    names = {"python": "Python", "numpy": "NumPy", "keras": "Keras", "tensorflow": "TensorFlow"}
+    versions = ", ".join(f"{label} {v[k]}" for k, label in names.items() if v.get(k))
+    return "; ".join(x for x in (machine or "unknown machine", versions) if x)
 
 
 def section() -> str:
@@ -54,10 +48,12 @@ def section() -> str:
             out.append(f"Not yet measured (`results/{fname}` is missing).\n")
             continue
         out.append(render(d))
-        how = d.get("command") or f"`python benchmarks/{d.get('benchmark', '')}.py`"
-        prof = d.get("profile") or ("quick" if d.get("quick") else "full")
-        out.append(f"\nSource: `results/{fname}`, written by {how}; profile `{prof}`; "
-                   f"{_machine(d)}.\n")
+        how = f"`{shlex.join(d['command'])}`" if d["command"] else "an unrecorded command"
+        when = f" on {d['date'][:10]}" if d["date"] else ""
+        out.append(
+            f"\nSource: `results/{fname}`, written by {how}{when}; profile "
+            f"`{d['profile']}`; {_machine(d)}.\n"
+        )
     return "\n".join(out)
 
 
@@ -66,12 +62,9 @@ def _render_rows(d) -> str:
     rows = d.get("rows", [])
     if not rows:
         return "(no rows)\n"
-    cols = list(dict.fromkeys(k for r in rows for k in r))  # every row's columns, in order
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    table = make_table(rows).to_markdown()  # every row's columns, in first-seen order
     notes = d.get("notes", [])
-    return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "") + "\n"
+    return table + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "") + "\n"
 
 
 def _render_time_to_accuracy(d) -> str:
@@ -84,15 +77,23 @@ def _render_time_to_accuracy(d) -> str:
             runs[r["variant"]] = r
     base = runs.get("none")
     if base:
-        parts = [f"{v}: {r['seconds_per_epoch'] / base['seconds_per_epoch']:.2f}x no BN per "
-                 f"epoch, test accuracy {r['test_accuracy'][0]:.3f} after epoch 1"
-                 for v, r in runs.items() if v != "none"]
-        out += (f"- From the per-run records: no BN {base['test_accuracy'][0]:.3f} after epoch 1; "
-                + "; ".join(parts) + ".\n")
+        parts = [
+            f"{v}: {r['seconds_per_epoch'] / base['seconds_per_epoch']:.2f}x no BN per "
+            f"epoch, test accuracy {r['test_accuracy'][0]:.3f} after epoch 1"
+            for v, r in runs.items()
+            if v != "none"
+        ]
+        out += (
+            f"- From the per-run records: no BN {base['test_accuracy'][0]:.3f} after epoch 1; "
+            + "; ".join(parts)
+            + ".\n"
+        )
     epochs = {row["variant"]: row["epochs"] for row in d["rows"] if row.get("reached") is True}
     if len(epochs) == len(d["rows"]) > 1 and len(set(epochs.values())) == 1:
-        out += (f"- Every variant reached the target in {epochs.popitem()[1]} epochs at its best learning "
-                "rate, so the ratio of seconds is the ratio of cost per epoch.\n")
+        out += (
+            f"- Every variant reached the target in {epochs.popitem()[1]} epochs at its best "
+            "learning rate, so the ratio of seconds is the ratio of cost per epoch.\n"
+        )
     return out
 
 
@@ -102,14 +103,19 @@ def _render_best_accuracy(d) -> str:
     planned, ran = d["settings"]["epochs"], d["rows"][0]["epochs"]
     if ran < planned:
         frac = 0.5 * (1 + math.cos(math.pi * ran / planned))
-        out += (f"- The budget stopped training after {ran} of {planned} planned epochs; the "
-                f"cosine-decayed learning rate was then {frac:.0%} of its start value.\n")
+        out += (
+            f"- The budget stopped training after {ran} of {planned} planned epochs; the "
+            f"cosine-decayed learning rate was then {frac:.0%} of its start value.\n"
+        )
     return out
 
 
 def _render_inference(d) -> str:
-    lines = ["| mode | batch | unfolded ms | folded ms | no BN ms | folded / no BN | unfolded / folded |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | batch | unfolded ms | folded ms | no BN ms | folded / no BN "
+        "| unfolded / folded |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for mode, batches in d.get("batches", {}).items():
         for batch, v in batches.items():
             c = v.get("cpu") or v["wall"]
@@ -117,52 +123,86 @@ def _render_inference(d) -> str:
             lines.append(
                 f"| {mode} | {batch} | {lat['unfolded']['median_ms']:.3f} | "
                 f"{lat['folded']['median_ms']:.3f} | {lat['no_bn']['median_ms']:.3f} | "
-                f"{c['ratio_folded_over_no_bn']:.2f} | {c['ratio_unfolded_over_folded']:.2f} |")
+                f"{c['ratio_folded_over_no_bn']:.2f} | {c['ratio_unfolded_over_folded']:.2f} |"
+            )
     goals = d.get("goals", {})
     return "\n".join(lines) + (
         f"\n\nMedian CPU time per call of the benchmark process (wall time on a shared machine is "
-        f"noisier; both are in the file). Goals: folded / no BN <= {goals.get('folded_over_no_bn_max')}, "
-        f"unfolded / folded >= {goals.get('unfolded_over_folded_batch1_min')} at batch 1. "
+        f"noisier; both are in the file). Goals: folded / no BN <= "
+        f"{goals.get('folded_over_no_bn_max')}, unfolded / folded >= "
+        f"{goals.get('unfolded_over_folded_batch1_min')} at batch 1. "
         f"Folding: {d['model']['layers']['unfolded']} -> {d['model']['layers']['folded']} layers, "
-        f"largest relative difference {d['model']['fold_max_rel_diff']:.1e}.\n")
+        f"largest relative difference {d['model']['fold_max_rel_diff']:.1e}.\n"
+    )
 
 
 _SECTIONS = [
-    ("claims_audit.json", "With vs without BN: test accuracy and the claims audit (notebook 05)",
-     _render_rows),
-    ("bench_time_to_accuracy.json", "Time to 91% test accuracy, CNN with and without BN "
-     "(benchmarks/bench_time_to_accuracy.py)", _render_time_to_accuracy),
-    ("bench_best_accuracy.json", "Best BN model within 20 minutes of CPU training "
-     "(benchmarks/bench_best_accuracy.py)", _render_best_accuracy),
+    (
+        "claims_audit.json",
+        "With vs without BN: test accuracy and the claims audit (notebook 05)",
+        _render_rows,
+    ),
+    (
+        "bench_time_to_accuracy.json",
+        "Time to 91% test accuracy, CNN with and without BN (benchmarks/bench_time_to_accuracy.py)",
+        _render_time_to_accuracy,
+    ),
+    (
+        "bench_best_accuracy.json",
+        "Best BN model within 20 minutes of CPU training (benchmarks/bench_best_accuracy.py)",
+        _render_best_accuracy,
+    ),
     ("tuning_summary.json", "Hyperparameters (notebook 06)", _render_rows),
-    ("bench_bn_layers.json", "Training-step cost of BN layers (benchmarks/bench_bn_layers.py)",
-     _render_rows),
-    ("bench_inference.json", "Inference latency: unfolded, folded, no BN "
-     "(benchmarks/bench_inference.py)", _render_inference),
+    (
+        "bench_bn_layers.json",
+        "Training-step cost of BN layers (benchmarks/bench_bn_layers.py)",
+        _render_rows,
+    ),
+    (
+        "bench_inference.json",
+        "Inference latency: unfolded, folded, no BN (benchmarks/bench_inference.py)",
+        _render_inference,
+    ),
 ]
 
 
 # The README's main figures: (file under figures/, caption). The notebooks write them in the
 # full profile (`make run`); a missing file is listed as not yet produced.
 FIGURES = [
-    ("04_fig1_percentiles.png", "Ioffe & Szegedy's Figure 1(b, c) on Fashion-MNIST: the 15th, 50th "
-     "and 85th percentiles of one sigmoid input over training, without and with BN (notebook 04)"),
-    ("05_test_accuracy.png", "Test accuracy over seeds, MLP and CNN, with and without BN "
-     "(notebook 05)"),
+    (
+        "04_fig1_percentiles.png",
+        "Ioffe & Szegedy's Figure 1(b, c) on Fashion-MNIST: the 15th, 50th "
+        "and 85th percentiles of one sigmoid input over training, without and with BN "
+        "(notebook 04)",
+    ),
+    (
+        "05_test_accuracy.png",
+        "Test accuracy over seeds, MLP and CNN, with and without BN (notebook 05)",
+    ),
     ("05_cnn_curves_seeds.png", "CNN learning curves, mean and spread over seeds (notebook 05)"),
-    ("05_lr_range.png", "Sigmoid MLP: accuracy over SGD learning rates, with and without BN "
-     "(notebook 05)"),
-    ("06_learning_rate.png", "ReLU MLP, SGD with momentum: final validation accuracy over "
-     "learning rates, with and without BN (notebook 06)"),
-    ("06_init_scale.png", "ReLU MLP: final validation accuracy over initial weight scales, with "
-     "and without BN (notebook 06)"),
+    (
+        "05_lr_range.png",
+        "Sigmoid MLP: accuracy over SGD learning rates, with and without BN (notebook 05)",
+    ),
+    (
+        "06_learning_rate.png",
+        "ReLU MLP, SGD with momentum: final validation accuracy over "
+        "learning rates, with and without BN (notebook 06)",
+    ),
+    (
+        "06_init_scale.png",
+        "ReLU MLP: final validation accuracy over initial weight scales, with "
+        "and without BN (notebook 06)",
+    ),
 ]
 
 
 def figures() -> str:
-    out = ["### Main figures\n",
-           "Written by the notebooks in the full profile (`make run`); `make results` only links "
-           "them.\n"]
+    out = [
+        "### Main figures\n",
+        "Written by the notebooks in the full profile (`make run`); `make results` only links "
+        "them.\n",
+    ]
     for name, caption in FIGURES:
         # a figure counts once the notebook that writes it is in the suite (not a draft)
         published = any((ROOT / "notebooks").glob(f"{name[:2]}_*.ipynb"))
@@ -179,8 +219,16 @@ def notebook_list() -> str:
     lines = ["| notebook | step | full run |", "|---|---|---|"]
     for p in sorted((ROOT / "notebooks").glob("*.ipynb")):
         nb = nbformat.read(p, as_version=4)
-        title = next((ln[2:] for c in nb.cells if c.cell_type == "markdown"
-                      for ln in c.source.splitlines() if ln.startswith("# ")), p.stem)
+        title = next(
+            (
+                ln[2:]
+                for c in nb.cells
+                if c.cell_type == "markdown"
+                for ln in c.source.splitlines()
+                if ln.startswith("# ")
+            ),
+            p.stem,
+        )
         meta = nb.metadata.get("bnutils", {})
         run = f"{meta.get('profile', '?')}, {meta.get('seconds', '?')} s" if meta else "not run"
         lines.append(f"| [`{p.name}`](notebooks/{p.name}) | {title} | {run} |")

@@ -1,0 +1,209 @@
+"""Small helpers every module uses once: JSON values, atomic writes, digests, environment, checks.
+
+Nothing here imports TensorFlow at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "atomic_path",
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_choice",
+    "check_positive_int",
+    "cpu_flags",
+    "digest",
+    "env_info",
+    "json_safe",
+    "preserved_state",
+    "slug",
+]
+
+
+# ---------------------------------------------------------------- JSON
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` as plain JSON values: numpy scalars and arrays to Python, NaN/inf to ``None``,
+    tuples to lists, paths and other objects to ``str``."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    return str(obj)
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success rename it onto ``target``.
+
+    On an exception the temporary file or folder is removed and ``target`` is left as it was,
+    so a failed write never leaves a half-written artifact. With ``directory=True`` the
+    temporary path is an empty folder and an existing ``target`` folder is replaced last.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.partial-"
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=target.suffix, dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+    if not (directory and target.exists()):
+        os.replace(tmp, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``json_safe(obj)`` to ``path`` (indented, strict JSON), atomically."""
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+# ---------------------------------------------------------------- digests and names
+
+
+def digest(*arrays: Any) -> str:
+    """A short hex digest of arrays' shapes, dtypes and bytes (the data fingerprint)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def slug(text: str) -> str:
+    """``text`` as a file-name-safe slug: lower case, ``[a-z0-9_.-]`` only."""
+    return re.sub(r"[^a-z0-9_.-]+", "-", str(text).lower()).strip("-") or "run"
+
+
+# ---------------------------------------------------------------- environment
+
+
+def cpu_flags(wanted: Sequence[str] = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "fma")):
+    """The SIMD flags among ``wanted`` that this CPU reports (Linux ``/proc/cpuinfo``)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    have = set(line.split(":", 1)[-1].split())
+    return [f for f in wanted if f in have]
+
+
+def env_info() -> dict:
+    """The one schema of run metadata: ``date`` (UTC, ISO 8601), ``machine`` and ``versions``."""
+    import bnutils
+
+    versions = {"python": platform.python_version(), "numpy": np.__version__,
+                "bnutils": bnutils.__version__}
+    for name in ("keras", "tensorflow"):
+        module = sys.modules.get(name)
+        if module is None:
+            with contextlib.suppress(ImportError):
+                module = __import__(name)
+        versions[name] = getattr(module, "__version__", None)
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
+    }
+    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return {"date": date, "machine": machine, "versions": versions}
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an ``int`` of at least ``minimum``, or a ``ValueError`` that says so."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(
+            f"`{name}` must be an integer >= {minimum}, received {value!r} "
+            f"({type(value).__name__})."
+        )
+    if value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, received {value}.")
+    return int(value)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """``value`` if it is one of ``choices``, else a ``ValueError`` listing them."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(map(repr, choices))}; received {value!r}."
+        )
+    return value
+
+
+# ---------------------------------------------------------------- model state
+
+
+@contextlib.contextmanager
+def preserved_state(model: Any, variables: Iterable[Any] | None = None) -> Iterator[Any]:
+    """Snapshot ``model``'s variables (or ``variables``) and restore them on exit, even on error.
+
+    >>> with preserved_state(model):
+    ...     model(x, training=True)  # moving statistics change here, and are put back after
+    """
+    variables = list(model.variables if variables is None else variables)
+    saved = [np.array(v.numpy(), copy=True) for v in variables]
+    try:
+        yield model
+    finally:
+        for v, value in zip(variables, saved, strict=True):
+            v.assign(value)

@@ -1,0 +1,417 @@
+"""Hyperparameter sweeps over a grid and seeds, and usable ranges (notebooks 05 and 06).
+
+A trial that trains with :func:`bnutils.training.train` (as :class:`TrainTrial` does) is free the
+second time: ``train`` caches every finished run, so a rerun or resumed sweep trains only what is
+missing."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from bnutils import config
+from bnutils._util import atomic_write_json, check_positive_int, json_safe, slug
+
+__all__ = [
+    "SweepResult",
+    "TrainTrial",
+    "UsableRange",
+    "init_config",
+    "load_sweep",
+    "log_grid",
+    "run_sweep",
+    "usable_range",
+]
+
+_TRAIN_KEYS = ("lr", "batch_size", "optimizer", "epochs")
+_BN_KEYS = {"bn_momentum": "momentum", "renorm": "renorm", "bn_epsilon": "epsilon"}
+_CURVES = ("val_accuracy", "val_loss", "train_loss", "train_accuracy")
+_FLAGS = ("best_val_accuracy", "total_time", "diverged", "divergence_message", "from_cache")
+
+
+def log_grid(low: float, high: float, num: int, digits: int = 3) -> list[float]:
+    """``num`` values log-spaced from ``low`` to ``high``, to ``digits`` significant digits."""
+    num = check_positive_int("num", num, minimum=2)
+    if not 0 < low < high:
+        raise ValueError(f"Expected 0 < low < high, received low={low!r}, high={high!r}.")
+    return [float(f"{v:.{digits}g}") for v in np.geomspace(low, high, num)]
+
+
+def init_config(scale: float) -> dict:
+    """A Keras initializer config: He-normal with its standard deviation times ``scale``."""
+    cfg = {"scale": 2.0 * float(scale) ** 2, "mode": "fan_in", "distribution": "truncated_normal"}
+    return {"class_name": "VarianceScaling", "config": cfg}
+
+
+def _check_grid(grid: Any) -> dict[str, list]:
+    if not isinstance(grid, Mapping) or not grid:
+        raise ValueError(f"`grid` must be a non-empty dict of name -> values, received {grid!r}.")
+    out = {}
+    for key, values in grid.items():
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise ValueError(f"grid[{key!r}] = {values!r}: Wrap a single value in a list.")
+        if not (values := list(values)):
+            raise ValueError(f"grid[{key!r}] is empty; expected at least one value.")
+        if bad := [v for v in values if isinstance(json_safe(v), str) and not isinstance(v, str)]:
+            raise TypeError(f"grid[{key!r}] must hold JSON values, received {bad[0]!r}.")
+        out[str(key)] = json_safe(values)
+    return out
+
+
+def _check_seeds(seeds: Any) -> list[int]:
+    if not isinstance(seeds, Iterable):
+        return list(range(check_positive_int("seeds", seeds)))
+    out = [check_positive_int("seeds[i]", s, minimum=0) for s in seeds]
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"`seeds` must be a count or distinct seeds, received {out}.")
+    return out
+
+
+def _train_metrics(result: Any) -> dict:
+    """The last value of each curve of a :class:`bnutils.training.TrainResult`, and its flags."""
+    out = {k: getattr(result, k)[-1] if getattr(result, k) else math.nan for k in _CURVES}
+    return {**out, **{k: getattr(result, k) for k in _FLAGS}}
+
+
+def _record(trial_fn: Callable, params: dict, seed: int) -> dict:
+    """One trial: ``params``, ``seed``, ``metrics``, ``diverged``, ``message``, ``from_cache``."""
+    try:
+        out = trial_fn(dict(params), seed)
+    except Exception as error:  # a numeric failure is a result; anything else stops the sweep
+        text = f"{type(error).__name__}: {error}"
+        tf_nan = text.startswith("InvalidArgumentError") and ("nan" in text or "inf" in text)
+        if not (tf_nan or isinstance(error, FloatingPointError)):
+            raise
+        out = {"diverged": True, "divergence_message": text}
+    if hasattr(out, "val_accuracy") and hasattr(out, "diverged"):  # a TrainResult
+        out = _train_metrics(out)
+    elif isinstance(out, numbers.Real) and not isinstance(out, bool):
+        out = {"value": out}
+    elif not isinstance(out, Mapping):
+        raise TypeError(
+            "A trial function must return a dict of metrics, a number or a TrainResult, "
+            f"received {type(out).__name__}."
+        )
+    metrics = {str(k): v.item() if isinstance(v, np.generic) else v for k, v in out.items()}
+    diverged, cached = bool(metrics.pop("diverged", 0)), bool(metrics.pop("from_cache", 0))
+    message = metrics.pop("divergence_message", None)
+    if not diverged and (bad := [k for k, v in metrics.items() if not _finite(v, True)]):
+        diverged, message = True, f"non-finite metrics: {', '.join(bad)}"
+    record = {"params": params, "seed": seed, "metrics": metrics, "diverged": diverged}
+    return {**record, "message": message, "from_cache": cached}
+
+
+class TrainTrial:
+    """A trial function for :func:`run_sweep` that trains with :func:`bnutils.training.train`.
+
+    A grid point's ``lr``, ``batch_size``, ``optimizer`` and ``epochs`` go to ``train``;
+    ``bn_momentum``, ``renorm`` and ``bn_epsilon`` into the builder's ``bn_kwargs`` (dropped when
+    ``norm`` is not ``"batch"``); ``init_scale`` becomes ``init_config(init_scale)`` kernels;
+    ``variant`` picks builder arguments from ``variants``; the rest are builder arguments.
+
+    Args:
+        data, builder: a :class:`bnutils.data.Dataset`; a function returning a ``keras.Model``.
+        builder_kwargs: fixed builder arguments.
+        variants: name -> builder arguments, selected by a grid's ``variant``.
+        evaluate: optional ``evaluate(model, result, params) -> dict`` of extra metrics (the
+            model is saved with the run, so this works on a cached run too).
+        **fit: default ``train`` arguments (``epochs`` is required).
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        builder: Callable[..., Any],
+        builder_kwargs: Mapping[str, Any] | None = None,
+        variants: Mapping[str, Mapping[str, Any]] | None = None,
+        evaluate: Callable[[Any, Any, dict], Mapping] | None = None,
+        **fit: Any,
+    ):
+        if not callable(builder) or "epochs" not in fit:
+            raise TypeError(f"Expected TrainTrial(data, builder, epochs=...), got {builder!r}.")
+        self.data, self.builder, self.evaluate, self.fit = data, builder, evaluate, fit
+        self.builder_kwargs = dict(builder_kwargs or {})
+        self.variants = {str(k): dict(v) for k, v in (variants or {}).items()}
+
+    def split(self, params: Mapping[str, Any]) -> tuple[dict, dict]:
+        """``(builder_kwargs, train_kwargs)`` for one grid point (``KeyError``: unknown variant)."""
+        build, fit, params = dict(self.builder_kwargs), dict(self.fit), dict(params)
+        if "variant" in params:
+            if (name := params.pop("variant")) not in self.variants:
+                raise KeyError(f"Unknown variant {name!r}; expected one of {list(self.variants)}.")
+            build.update(self.variants[name])
+        bn = dict(build.get("bn_kwargs") or {})
+        for key, value in params.items():
+            if key in _TRAIN_KEYS:
+                fit[key] = value
+            elif key in _BN_KEYS:
+                bn[_BN_KEYS[key]] = value
+            elif key == "init_scale":
+                build["kernel_initializer"] = init_config(value)
+            else:
+                build[key] = value
+        if bn:
+            build["bn_kwargs"] = bn
+        if build.get("norm", "batch") != "batch":
+            build.pop("bn_kwargs", None)
+        if fit.get("lr") is not None:
+            fit["lr"] = float(fit["lr"])  # Keras rejects an int learning rate
+        return build, fit
+
+    def __call__(self, params: dict, seed: int) -> dict:
+        from bnutils.training import train
+
+        build, fit = self.split(params)
+        builder = functools.partial(self.builder, **build)
+        name = getattr(self.builder, "__name__", None)
+        result = train(
+            builder, self.data, seed=seed, run_name=name, save_model=bool(self.evaluate), **fit
+        )
+        metrics = _train_metrics(result)
+        if self.evaluate is not None and not result.diverged:
+            metrics.update(self.evaluate(result.model, result, dict(params)))
+        return metrics
+
+
+def _sweep_path(name: str, create: bool = True):
+    return config.results_dir("sweeps", create=create) / f"{slug(name)}.json"
+
+
+def run_sweep(
+    name: str,
+    grid: Mapping[str, Sequence],
+    trial_fn: Callable[[dict, int], Any],
+    seeds: int | Sequence[int],
+    *,
+    verbose: bool = True,
+) -> SweepResult:
+    """Run ``trial_fn(params, seed)`` for every grid point and seed, and save the sweep.
+
+    Args:
+        name: saved as ``results/sweeps/<slug of name>.json`` (see :func:`load_sweep`).
+        grid: parameter name -> list of JSON values; the first key varies slowest.
+        trial_fn: returns a dict of metrics, a number (stored as ``"value"``) or a
+            :class:`bnutils.training.TrainResult`. A non-finite metric, ``"diverged": True``, a
+            diverged TrainResult or a ``FloatingPointError`` marks the trial diverged; any other
+            exception stops the sweep. ``"from_cache": True`` counts the trial as cached.
+        seeds: a count (``3`` means seeds 0, 1, 2) or a list of seeds.
+        verbose: print one line per trial.
+
+    Raises:
+        ValueError, TypeError: a malformed ``grid`` or ``seeds``, no ``name``, a ``trial_fn``
+            that is not callable or returns something else.
+    """
+    if not isinstance(name, str) or not name.strip() or not callable(trial_fn):
+        raise TypeError(f"Expected a name and a callable trial_fn(params, seed), got {trial_fn!r}.")
+    grid, seeds = _check_grid(grid), _check_seeds(seeds)
+    points = [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
+    trials = []
+    for i, (params, seed) in enumerate(itertools.product(points, seeds), 1):
+        trials.append(t := _record(trial_fn, params, seed))
+        score = t["metrics"].get("val_accuracy", t["metrics"].get("value", math.nan))
+        if verbose:
+            state = "DIVERGED" if t["diverged"] else f"{score:.4f}" + " (cached)" * t["from_cache"]
+            print(f"  [{i}/{len(points) * len(seeds)}] {params} seed={seed}: {state}")
+    cached = sum(t["from_cache"] for t in trials)
+    result = SweepResult(name, grid, seeds, trials, len(trials) - cached, cached)
+    result.path = str(atomic_write_json(_sweep_path(name), dataclasses.asdict(result)))
+    return result
+
+
+def load_sweep(name: str) -> SweepResult:
+    """The sweep ``name`` as :func:`run_sweep` saved it last; ``FileNotFoundError`` if none."""
+    if not (path := _sweep_path(name, create=False)).is_file():
+        raise FileNotFoundError(f"No saved sweep {name!r}: no file {path}. Run run_sweep() first.")
+    saved = json.loads(path.read_text())
+    for t in saved["trials"]:
+        t["metrics"] = {k: math.nan if v is None else v for k, v in t["metrics"].items()}
+    return SweepResult(**{**saved, "path": str(path)})
+
+
+def _finite(value: Any, other: bool = False) -> bool:
+    """``value`` is a finite number (``other`` for anything that is not a number)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return other
+    return math.isfinite(value)
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """The trials of one sweep (see :func:`run_sweep`), in grid order; ``computed`` and
+    ``cached`` count the trials this call ran and those ``train``'s cache answered."""
+
+    name: str
+    grid: dict[str, list]
+    seeds: list[int]
+    trials: list[dict]
+    computed: int = 0
+    cached: int = 0
+    path: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.trials)
+
+    def aggregate(self, metric: str = "val_accuracy") -> list[dict]:
+        """One row per configuration: its parameters, ``n`` (seeds), ``n_diverged``,
+        ``diverged_fraction``, and the ``mean`` and ``std`` (sample) of ``metric`` over the seeds
+        that did not diverge (NaN where undefined; ``KeyError`` if no trial has ``metric``)."""
+        groups: dict[str, list[dict]] = {}
+        for t in self.trials:
+            groups.setdefault(json.dumps(t["params"], sort_keys=True), []).append(t)
+        rows = []
+        for trials in groups.values():
+            ok = [t["metrics"].get(metric) for t in trials if not t["diverged"]]
+            a = np.array([v for v in ok if _finite(v)] or [math.nan])
+            if ok and np.isnan(a).all():
+                names = sorted({k for t in self.trials for k in t["metrics"]})
+                raise KeyError(f"Metric {metric!r} not in sweep {self.name!r}. Available: {names}.")
+            n, n_div = len(trials), len(trials) - len(ok)
+            std = float(a.std(ddof=1)) if a.size > 1 else math.nan
+            row = {"n": n, "n_diverged": n_div, "diverged_fraction": n_div / n}
+            rows.append({**trials[0]["params"], **row, "mean": float(a.mean()), "std": std})
+        return rows
+
+    def where(self, **fixed: Any) -> SweepResult:
+        """The trials whose parameters equal ``fixed`` (e.g. ``where(norm="batch")``)."""
+        self._check_only(*fixed, others=False)
+        grid = {**self.grid, **{k: [json_safe(v)] for k, v in fixed.items()}}
+        if bad := [k for k in fixed if grid[k][0] not in self.grid[k]]:
+            raise ValueError(f"{bad[0]}={fixed[bad[0]]!r} is not in the grid {self.grid[bad[0]]}.")
+        trials = [t for t in self.trials if all(t["params"][k] == grid[k][0] for k in fixed)]
+        return dataclasses.replace(self, grid=grid, trials=trials)
+
+    def best(self, metric: str = "val_accuracy") -> dict:
+        """The :meth:`aggregate` row with the highest mean ``metric``, among configurations
+        that never diverged when there are any (``ValueError`` when every trial diverged)."""
+        rows = [r for r in self.aggregate(metric) if _finite(r["mean"])]
+        if not (stable := [r for r in rows if r["n_diverged"] == 0] or rows):
+            raise ValueError(f"Every trial of sweep {self.name!r} diverged; no best {metric}.")
+        return max(stable, key=lambda r: r["mean"])
+
+    def pivot(self, rows: str, cols: str, metric: str = "val_accuracy"):
+        """``(row_values, col_values, array)``: the mean ``metric`` over two parameters (NaN
+        where every seed diverged); the others must have one value (see :meth:`where`)."""
+        self._check_only(rows, cols)
+        row_vals, col_vals = self.grid[rows], self.grid[cols]
+        out = np.full((len(row_vals), len(col_vals)), np.nan)
+        for r in self.aggregate(metric):
+            out[row_vals.index(r[rows]), col_vals.index(r[cols])] = r["mean"]
+        return list(row_vals), list(col_vals), out
+
+    def curve(self, key: str, metric: str = "val_accuracy") -> dict[str, np.ndarray]:
+        """Arrays ``x`` (values of ``key``), ``mean``, ``std`` and ``diverged_fraction``; the
+        other parameters must have one value (see :meth:`where`)."""
+        self._check_only(key)
+        rows = sorted(self.aggregate(metric), key=lambda r: r[key])
+        out = {c: np.array([r[c] for r in rows], dtype=float) for c in ("mean", "std")}
+        out["diverged_fraction"] = np.array([r["diverged_fraction"] for r in rows])
+        return {"x": np.array([r[key] for r in rows]), **out}
+
+    def to_table(self, metric: str = "val_accuracy"):
+        """The :meth:`aggregate` rows as a :class:`bnutils.results.Table`."""
+        from bnutils.results import make_table
+
+        cols = [*list(self.grid), "n", "n_diverged", "mean", "std"]
+        return make_table(self.aggregate(metric), columns=cols, digits=4)
+
+    def _check_only(self, *keys: str, others: bool = True) -> None:
+        if missing := [k for k in keys if k not in self.grid]:
+            raise KeyError(
+                f"{missing[0]!r} is not a parameter of {self.name!r}: {list(self.grid)}."
+            )
+        varied = [k for k, v in self.grid.items() if k not in keys and len(v) > 1]
+        if others and varied:
+            raise ValueError(
+                f"Sweep {self.name!r} also varies {varied}; expected one value each. Select "
+                f"one with .where(), e.g. .where({varied[0]}={self.grid[varied[0]][0]!r})."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class UsableRange:
+    """What :func:`usable_range` found: ``low`` to ``high`` (``None`` when nothing is usable),
+    the best value without divergence and its score, the values where a seed ``diverged``, and
+    the ``reference`` score."""
+
+    key: str
+    low: Any
+    high: Any
+    best_value: Any
+    best_score: float
+    diverged: tuple
+    reference: float
+
+    @property
+    def found(self) -> bool:
+        return self.low is not None
+
+    @property
+    def decades(self) -> float:
+        """``log10(high / low)``: the width in decades (0.0 for one value, NaN for none)."""
+        ok = self.found and self.low > 0 and self.high > 0
+        return math.log10(self.high / self.low) if ok else math.nan
+
+    def to_dict(self) -> dict:
+        return json_safe({**dataclasses.asdict(self), "decades": self.decades})
+
+    def __str__(self) -> str:
+        if not self.found:
+            return f"no usable {self.key} (reference {self.reference:.4f})"
+        return f"usable {self.key}: {self.low:g} to {self.high:g} ({self.decades:.2f} decades)"
+
+
+def usable_range(
+    results: SweepResult | Sequence[Mapping],
+    key: str = "lr",
+    threshold: float = 0.05,
+    metric: str = "val_accuracy",
+    reference: float | None = None,
+    floor: float = 0.5,
+) -> UsableRange:
+    """The usable range of ``key``: the run of consecutive usable grid values around the best.
+
+    The one definition of the suite (notebooks 05 and 06, the README): a value is *usable* when
+    no seed diverged and its mean ``metric`` is within ``threshold`` of ``reference`` and at
+    least ``floor`` (far above chance for ten classes: a sweep in which nothing learns has no
+    usable range). The range is the contiguous run of usable values around the best one.
+
+    Args:
+        results: a :class:`SweepResult` that varies only ``key`` (narrow it with
+            :meth:`SweepResult.where`), or its :meth:`~SweepResult.aggregate` rows.
+        key: the parameter.
+        threshold: the largest drop of the mean ``metric`` below ``reference``.
+        metric: the metric (higher is better).
+        reference: default the best mean without divergence in ``results``; pass a common one
+            (e.g. the best of two sweeps) to compare sweeps.
+        floor: the lowest usable mean ``metric``.
+
+    Raises:
+        ValueError, KeyError: ``results`` varies other parameters, a negative ``threshold``, or
+            ``key`` is not a parameter.
+    """
+    if not threshold >= 0:
+        raise ValueError(f"`threshold` must be >= 0, received {threshold!r}.")
+    if isinstance(results, SweepResult):
+        results._check_only(key)
+        results = results.aggregate(metric)
+    rows = sorted((dict(r) for r in results), key=lambda r: r[key])
+    clean = [r for r in rows if r["n_diverged"] == 0 and _finite(r["mean"])]
+    best = max(clean, key=lambda r: r["mean"], default={key: None, "mean": math.nan})
+    reference = best["mean"] if reference is None else float(reference)
+    good = [r in clean and r["mean"] >= max(reference - threshold, floor) for r in rows]
+    lo = hi = rows.index(best) if any(good) else None
+    while lo and good[lo - 1]:
+        lo -= 1
+    while hi is not None and hi + 1 < len(rows) and good[hi + 1]:
+        hi += 1
+    ends = (None, None) if lo is None else (rows[lo][key], rows[hi][key])
+    diverged = tuple(r[key] for r in rows if r["n_diverged"] > 0)
+    return UsableRange(key, *ends, best[key], best["mean"], diverged, reference)
