@@ -18,6 +18,7 @@ __all__ = [
     "is_batchnorm",
     "is_functional",
     "is_graph_model",
+    "require_graph_model",
     "walk_layers",
 ]
 
@@ -87,6 +88,14 @@ def is_functional(model: Any) -> bool:
 def is_graph_model(model: Any) -> bool:
     """Whether ``model`` is Sequential or Functional (its wiring can be read and rewritten)."""
     return isinstance(model, keras.Sequential) or is_functional(model)
+
+
+def require_graph_model(model: Any, fix: str, error: type[Exception] = TypeError) -> None:
+    """Raise ``error`` naming what ``model`` is, with ``fix``, unless it is a graph model."""
+    if not is_graph_model(model):
+        what = type(model).__name__
+        what = f"a subclassed model `{what}`" if isinstance(model, keras.Model) else what
+        raise error(f"Expected a Sequential or Functional model, received {what}. {fix}")
 
 
 def ends_in_softmax(model: Any) -> bool:

@@ -25,7 +25,6 @@ import numpy as np
 __all__ = [
     "atomic_path",
     "atomic_write_json",
-    "atomic_write_text",
     "check_choice",
     "check_positive_int",
     "cpu_flags",
@@ -99,16 +98,11 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
     shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
-
-
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``json_safe(obj)`` to ``path`` (indented, strict JSON), atomically."""
-    return atomic_write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+    """Write ``json_safe(obj)`` to ``path`` (indented, strict JSON) through a temporary file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+    return Path(path)
 
 
 # ---------------------------------------------------------------- digests and names
@@ -147,8 +141,11 @@ def env_info() -> dict:
     """The one schema of run metadata: ``date`` (UTC, ISO 8601), ``machine`` and ``versions``."""
     import bnutils
 
-    versions = {"python": platform.python_version(), "numpy": np.__version__,
-                "bnutils": bnutils.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "bnutils": bnutils.__version__,
+    }
     for name in ("keras", "tensorflow"):
         module = sys.modules.get(name)
         if module is None:

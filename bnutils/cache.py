@@ -9,7 +9,7 @@ cannot see (e.g. the code of a plain-function ``augment``) need ``force=True`` o
 ``run_name``.
 
 >>> key = run_key(model, data, name="mlp", epochs=2, seed=0)
->>> lookup(directory, key)  # the cached TrainResult, or None
+>>> lookup(directory, key, bnutils.training.load_result)  # the cached TrainResult, or None
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from bnutils._util import atomic_write_json, digest, json_safe, slug
 
-__all__ = ["FORMAT_VERSION", "describe", "load_result", "lookup", "run_key", "store"]
+__all__ = ["FORMAT_VERSION", "describe", "lookup", "run_key", "store"]
 
 FORMAT_VERSION = 2  # version 1 keyed runs on the builder's code: those runs are trained again
 
@@ -117,35 +118,23 @@ def run_key(model: Any, data: Any, name: str = "run", **settings: Any) -> str:
     )
 
 
-def load_result(path: str | os.PathLike):
-    """Read a :class:`bnutils.training.TrainResult` from its JSON file (``from_cache`` set).
+def lookup(
+    directory: str | os.PathLike,
+    key: str,
+    load: Callable[[Path], Any],
+    model_path: str | os.PathLike | None = None,
+):
+    """The cached result of run ``key`` in ``directory`` read by ``load(path)``, or ``None``.
 
-    Raises:
-        ValueError: the file is unreadable, not a result, or from a newer format.
-    """
-    from bnutils.training import TrainResult
-
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"Cannot read a training result from {path}: {e}") from e
-    result = TrainResult.from_dict(data)
-    result.from_cache, result.path = True, str(path)
-    return result
-
-
-def lookup(directory: str | os.PathLike, key: str, model_path: str | os.PathLike | None = None):
-    """The cached result of run ``key`` in ``directory``, or ``None`` when there is none.
-
-    An unreadable file is warned about and ignored. With ``model_path`` the run's saved model
-    is loaded into ``.model`` as well (``None`` when it is missing: the run must be redone).
+    ``load`` is ``bnutils.training.load_result``. An unreadable file (``load`` raises
+    ``ValueError``) is warned about and ignored. With ``model_path`` the run's saved model is
+    loaded into ``.model`` as well (``None`` when it is missing: the run must be redone).
     """
     path = Path(directory) / f"{key}.json"
     if not path.is_file():
         return None
     try:
-        result = load_result(path)
+        result = load(path)
     except ValueError as e:
         warnings.warn(
             f"Ignoring the unreadable cached run {path} ({e}); training it again.", stacklevel=3

@@ -1,7 +1,7 @@
 """The BN doctor: find the usual batch-normalization bugs in a Keras model, with evidence.
 
-:func:`diagnose_batchnorm` inspects a model's BN layers (nested ones included), runs it on a
-sample ``x`` and reports findings, each with a ``code``, a severity, the layer, evidence, a fix:
+:func:`diagnose_batchnorm` inspects the BN layers (nested included), runs the model on ``x``
+and reports findings (code, severity, layer, evidence, fix); every variable is restored. Codes:
 
 * error: ``batch-dependent-inference`` (with ``training=False`` a prediction changes with its
   batch), ``moving-stats-never-updated`` (moving mean 0 and variance 1 exactly);
@@ -11,9 +11,8 @@ sample ``x`` and reports findings, each with a ``code``, a severity, the layer, 
 * info: ``redundant-bias`` (a Dense/Conv bias right before BN), ``graph-unavailable``
   (subclassed: no wiring checks), ``bn-unused`` (never called on ``x``), ``no-batchnorm``.
 
-``moving-stats-mismatch`` fires above an RMS mean gap of 0.8 std or a variance ratio of 2.5 (on
-Fashion-MNIST healthy small MLPs and CNNs stayed below 0.46 and 2.1, lagging ones reached 1.7 or
-2.7). Every measurement restores all variables. Used in notebook A2.
+Mismatch thresholds: RMS mean gap 0.8 std, variance ratio 2.5 (healthy Fashion-MNIST MLPs and
+CNNs stayed below 0.46 and 2.1, lagging ones reached 1.7 or 2.7). Used in notebook A2.
 """
 
 from __future__ import annotations
@@ -116,10 +115,6 @@ class DoctorReport:
         """``True`` when nothing worse than ``info`` was found."""
         return not self.codes("warning")
 
-    def to_dicts(self) -> list[dict]:
-        """The findings as plain dicts (code, severity, layer, message, evidence, fix)."""
-        return [dataclasses.asdict(f) for f in self.findings]
-
     def __str__(self) -> str:
         counts = [(sum(f.severity == s for f in self.findings), s) for s in SEVERITIES]
         summary = ", ".join(f"{n} {s}(s)" for n, s in counts if n) or "no findings."
@@ -134,8 +129,8 @@ class DoctorReport:
         lines += [cells[0] + "  evidence"] if self.findings else []
         pad = " " * (widths[0] + 2)
         for f, row in zip(self.findings, cells[1:], strict=True):
-            lines.append(f"{row}  {_format_evidence(f.evidence)}")
-            lines += [f"{pad}-> {f.message}", f"{pad}   fix: {f.fix}"]
+            evidence = "; ".join(f"{k}={_fmt(v)}" for k, v in list(f.evidence.items())[:8])
+            lines += [f"{row}  {evidence}", f"{pad}-> {f.message}", f"{pad}   fix: {f.fix}"]
         return "\n".join(lines)
 
 
@@ -144,25 +139,11 @@ def _clip(text: str, width: int = 40) -> str:
 
 
 def _fmt(value) -> str:
+    """An evidence value: floats to 3 digits, dicts to their first 3 items."""
+    if isinstance(value, dict):
+        inner = ", ".join(f"{k}: {_fmt(v)}" for k, v in list(value.items())[:3])
+        return f"{{{inner}{f', +{len(value) - 3}' if len(value) > 3 else ''}}}"
     return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def _format_evidence(evidence: dict, limit: int = 8) -> str:
-    parts = []
-    for key, value in list(evidence.items())[:limit]:
-        if isinstance(value, dict):
-            inner = ", ".join(f"{k}: {_fmt(v)}" for k, v in list(value.items())[:3])
-            value = f"{{{inner}{f', +{len(value) - 3}' if len(value) > 3 else ''}}}"
-        parts.append(f"{key}={_fmt(value)}")
-    return "; ".join(parts)
-
-
-def _graph_inputs(model):
-    """The model's symbolic inputs (Sequential/Functional), or ``None`` (subclassed)."""
-    try:
-        return list(model.inputs) or None
-    except (AttributeError, ValueError, TypeError):
-        return None
 
 
 def _check_inputs(model, x, y):
@@ -175,7 +156,7 @@ def _check_inputs(model, x, y):
         raise TypeError(f"Expected `x` to be a NumPy array, received {type(x).__name__}.") from e
     if x.ndim < 1 or len(x) < 2:
         raise ValueError(f"Expected `x` with at least 2 examples, received shape {x.shape}.")
-    inputs = _graph_inputs(model)
+    inputs = list(getattr(model, "inputs", None) or []) or None  # None: subclassed
     if inputs and len(inputs) > 1:
         raise ValueError(f"Model {model.name!r} has {len(inputs)} inputs; expected one (`x`).")
     want = tuple(inputs[0].shape) if inputs else x.shape
@@ -192,7 +173,7 @@ def _check_inputs(model, x, y):
             raise ValueError(msg + " Expected inputs the model accepts.") from e
     if y is not None and len(y := np.asarray(y)) != len(x):
         raise ValueError(f"`x` has {len(x)} examples but `y` has {len(y)}; expected equal lengths.")
-    return x, y
+    return x, y, inputs
 
 
 def _activation(layer) -> str:
@@ -233,8 +214,7 @@ def _structure_findings(model, bn_layers, found: _Findings) -> None:
                 msg = f"BN `{bn.name}` normalizes the softmax output of `{p.name}`."
                 ev = {"source": p.name, "activation": act}
                 found.add("bn-after-softmax-or-output", "warning", path, msg, ev)
-    # In Keras 3 the outer call's flag (True in fit) wins over one stored in the graph
-    # (keras-team/keras#20285): only `layer.trainable = False` keeps BN in inference mode.
+    # fit()'s training=True wins over a stored training=False (keras-team/keras#20285).
     for path, layer, training in graph.called_training_flags():
         inner = [("", layer)] if is_batchnorm(layer) else find_batchnorm_layers(layer)
         live = [f"{path}/{p}".rstrip("/") for p, b in inner if b.trainable]
@@ -303,20 +283,6 @@ def _score(pred: np.ndarray, y: np.ndarray) -> dict:
     return {"accuracy": float(np.mean(probs.argmax(axis=1) == labels)), "loss": float(loss)}
 
 
-def _recalibrated_effect(model, x, y, stats, batch_size: int, seed: int) -> dict:
-    """Scores with the moving statistics and after precise BN on ``x`` (then restored)."""
-    before = _predict(model, x, False, batch_size)
-    with preserved_state(model):
-        layers = [s.layer for s in stats if s.layer.trainable]
-        recalibrate_batchnorm(model, x, None, min(batch_size, len(x)), layers, seed=seed)
-        after = _predict(model, x, False, batch_size)
-    effect = {f"{k}_moving": v for k, v in _score(before, y).items()}
-    effect.update({f"{k}_recalibrated": v for k, v in _score(after, y).items()})
-    if before.shape[1] > 1:
-        effect["predictions_changed"] = float(np.mean(before.argmax(1) != after.argmax(1)))
-    return effect
-
-
 def _batch_dependence(model, sample, rows, seed: int, found: _Findings) -> None:
     """batch-dependent-inference under ``training=False``, and in a plain ``model(x)``."""
     ind = check_batch_independence(model, sample, False, 2, seed, max(2, len(sample) // 4))
@@ -349,8 +315,16 @@ def _moving_stats(model, x, y, stats, rows, batch_size: int, seed: int, found: _
     off = [r for r in rows if not (r["never_updated"] or r["used_batch_stats"])]
     off = [r for r in off if r["mean_gap"] > _MEAN_GAP or r["variance_ratio"] > _VARIANCE_RATIO]
     effect = {}
-    if (never or off) and y is not None:
-        effect = _recalibrated_effect(model, x, y, stats, batch_size, seed)
+    if (never or off) and y is not None:  # scores with the moving statistics and after precise BN
+        before = _predict(model, x, False, batch_size)
+        with preserved_state(model):
+            layers = [s.layer for s in stats if s.layer.trainable]
+            recalibrate_batchnorm(model, x, None, min(batch_size, len(x)), layers, seed=seed)
+            after = _predict(model, x, False, batch_size)
+        effect = {f"{k}_moving": v for k, v in _score(before, y).items()}
+        effect.update({f"{k}_recalibrated": v for k, v in _score(after, y).items()})
+        if before.shape[1] > 1:
+            effect["predictions_changed"] = float(np.mean(before.argmax(1) != after.argmax(1)))
     if never:
         msg = f"{len(never)} of {len(rows)} BN layer(s) still hold their initial moving statistics"
         msg += " (mean 0, variance 1): they were never run with training=True."
@@ -385,14 +359,14 @@ def diagnose_batchnorm(model, x, y=None, batch_size: int = 128, seed: int = 0) -
         ValueError: ``x`` lacks the model's input shape or 2 examples, or ``y`` its length.
     """
     start = time.perf_counter()
-    x, y = _check_inputs(model, x, y)
+    x, y, inputs = _check_inputs(model, x, y)
     bn_layers = find_batchnorm_layers(model)
     found = _Findings()
     if not bn_layers:
         msg = f"Model {model.name!r} has no BatchNormalization layer (nested ones included)."
         found.add("no-batchnorm", "info", None, msg, {"n_layers": len(model.layers)})
         return DoctorReport(model.name, list(found), [], len(x), time.perf_counter() - start)
-    if _graph_inputs(model) is None:
+    if inputs is None:
         msg = f"Model {model.name!r} is subclassed: only the measured checks ran."
         found.add("graph-unavailable", "info", None, msg, {"n_bn_layers": len(bn_layers)})
     else:

@@ -1,11 +1,5 @@
-"""Run a trained BN model outside Keras: SavedModel, ONNX Runtime and LiteRT (ex-TFLite).
-
-:func:`export_savedmodel` (optionally) folds BN into the preceding layers and writes a
-SavedModel with a ``bnutils_metadata.json`` beside it; :func:`load_for_inference` reloads it
-with TensorFlow only and :func:`check_fresh_process` proves that a brand-new Python process
-gets the same answers. :func:`export_onnx` / :func:`export_litert` convert the inference graph,
-:func:`load_onnx` / :func:`load_litert` run it. Every export is atomic (a temporary file or
-folder renamed into place), so a failed one leaves nothing behind. Used in notebook 07.
+"""Run a trained BN model outside Keras: SavedModel (BN folded, with metadata), ONNX Runtime
+and LiteRT (ex-TFLite). Every export is atomic: a failed one leaves nothing. Used in notebook 07.
 
 Tested pins (with tensorflow-cpu 2.21.0, keras 3.15.1, numpy 2.1.3, protobuf 7):
 ``tf2onnx==1.17.0``, ``onnx==1.23.2``, ``onnxruntime==1.32.0``, ``ai-edge-litert==2.3.0``.
@@ -33,7 +27,6 @@ from bnutils._util import atomic_path, atomic_write_json, env_info
 __all__ = [
     "DEFAULT_PREPROCESSING",
     "METADATA_FILE",
-    "RUNTIMES",
     "FreshProcessResult",
     "check_fresh_process",
     "export_litert",
@@ -43,7 +36,6 @@ __all__ = [
     "load_litert",
     "load_onnx",
     "read_metadata",
-    "runtime_agreement",
 ]
 
 METADATA_FILE = "bnutils_metadata.json"
@@ -51,7 +43,6 @@ DEFAULT_PREPROCESSING = (
     "float32 images of shape (N, 28, 28, 1), pixels divided by 255 to lie in [0, 1] "
     "(as bnutils.load_dataset returns them); no other normalization"
 )
-RUNTIMES = ("savedmodel", "onnx", "litert")
 ENDPOINT = "serve"
 _INSTALL = {
     "onnx": "pip install tf2onnx==1.17.0 onnx==1.23.2 onnxruntime==1.32.0",
@@ -198,11 +189,8 @@ def load_for_inference(path: str | os.PathLike) -> tuple[Callable[..., np.ndarra
 
 @dataclasses.dataclass(frozen=True)
 class FreshProcessResult:
-    """What :func:`check_fresh_process` found.
-
-    ``passed`` is ``max_abs_diff <= atol`` and the child did not import ``bnutils``.
-    ``keras_imported`` is informative only (TensorFlow 2.21 imports Keras 3 itself).
-    """
+    """What :func:`check_fresh_process` found: ``passed`` is ``max_abs_diff <= atol`` and no
+    ``bnutils`` import in the child (``keras_imported`` is informative: TensorFlow imports it)."""
 
     max_abs_diff: float
     passed: bool
@@ -244,8 +232,7 @@ def check_fresh_process(
 ) -> FreshProcessResult:
     """Reload the export in a new Python process that imports only TensorFlow and NumPy.
 
-    The child (``sys.executable -I``, in a temporary folder) calls ``serve`` on ``x`` and
-    sends the outputs back; they are compared with ``expected`` (the in-memory model's).
+    The child (``sys.executable -I``, in a temporary folder) calls ``serve`` on ``x``.
 
     Args:
         path: a folder written by :func:`export_savedmodel`.
@@ -380,35 +367,6 @@ def load_litert(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
 
     predict.interpreter = interpreter
     return predict
-
-
-def runtime_agreement(
-    model, x, directory: str | os.PathLike, runtimes: Sequence[str] = RUNTIMES
-) -> dict[str, float]:
-    """Export ``model`` to each runtime and return ``{runtime: max |runtime(x) - model(x)|}``.
-
-    The files go to ``directory`` (``model_savedmodel/``, ``model.onnx``, ``model.tflite``).
-
-    Raises:
-        ValueError: an unknown runtime name.
-    """
-    unknown = sorted(set(runtimes) - set(RUNTIMES))
-    if unknown:
-        raise ValueError(f"Unknown runtime(s) {unknown}; expected names from {RUNTIMES}.")
-    directory = Path(directory)
-    x = np.asarray(x, dtype=np.float32)
-    reference = np.asarray(model(x, training=False))
-    result = {}
-    for name in runtimes:
-        if name == "savedmodel":
-            saved = export_savedmodel(model, directory / "model_savedmodel", overwrite=True)
-            predict, _ = load_for_inference(saved)
-        elif name == "onnx":
-            predict = load_onnx(export_onnx(model, directory / "model.onnx"))
-        else:
-            predict = load_litert(export_litert(model, directory / "model.tflite"))
-        result[name] = float(np.max(np.abs(np.asarray(predict(x)) - reference)))
-    return result
 
 
 def _model_inputs(model) -> list:

@@ -19,7 +19,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from bnutils._graph import LayerGraph, is_batchnorm, is_graph_model
+from bnutils._graph import LayerGraph, is_batchnorm, is_graph_model, require_graph_model
 
 __all__ = ["FoldReport", "fold_batchnorm"]
 
@@ -95,13 +95,9 @@ def fold_batchnorm(model: keras.Model, return_report: bool = False):
 
 
 def _check(model) -> None:
-    if not is_graph_model(model):
-        what = type(model).__name__
-        what = f"a subclassed model `{what}`" if isinstance(model, keras.Model) else what
-        raise ValueError(
-            f"Expected a Sequential or Functional model, received {what}. Rebuild it with the "
-            "Functional API to fold its BN layers."
-        )
+    require_graph_model(
+        model, "Rebuild it with the Functional API to fold its BN layers.", ValueError
+    )
     if not model.built or not model.inputs:
         raise ValueError(
             f"Sequential model `{model.name}` has no known input shape. Start it with "

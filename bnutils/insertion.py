@@ -19,7 +19,13 @@ import keras
 import numpy as np
 from keras import ops
 
-from bnutils._graph import MODEL_OUTPUT, LayerGraph, is_graph_model, walk_layers
+from bnutils._graph import (
+    MODEL_OUTPUT,
+    LayerGraph,
+    is_graph_model,
+    require_graph_model,
+    walk_layers,
+)
 from bnutils.scratch import ScratchBatchNormalization
 
 __all__ = ["DEFAULT_LAYER_TYPES", "InsertionReport", "insert_batchnorm"]
@@ -117,15 +123,12 @@ def insert_batchnorm(
         ValueError: an unknown position, names in ``skip`` that match no layer, BN arguments
             the BN class rejects, or a layer that cannot be copied from its config.
     """
-    if not is_graph_model(model):
-        what = type(model).__name__
-        what = f"a subclassed model `{what}`" if isinstance(model, keras.Model) else what
-        raise TypeError(
-            f"Expected a Sequential or Functional model, received {what}. A subclassed model "
-            "wires its layers inside `call()`, which insert_batchnorm cannot rewrite: add "
-            "BatchNormalization there yourself, or rebuild it with keras.Sequential or "
-            "keras.Model(inputs, outputs)."
-        )
+    require_graph_model(
+        model,
+        "A subclassed model wires its layers inside `call()`, which insert_batchnorm cannot "
+        "rewrite: add BatchNormalization there yourself, or rebuild it with keras.Sequential or "
+        "keras.Model(inputs, outputs).",
+    )
     if position not in ("before", "after"):
         raise ValueError(
             f"Unknown position={position!r}. Expected 'before' (layer -> BN -> activation) or "

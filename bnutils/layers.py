@@ -18,6 +18,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from bnutils._graph import is_batchnorm
 from bnutils._util import check_positive_int
 
 __all__ = [
@@ -321,7 +322,7 @@ def convert_batchnorm(
 
     def _clone(layer):
         config = layer.get_config()
-        if not isinstance(layer, keras.layers.BatchNormalization):
+        if not is_batchnorm(layer):
             return layer.__class__.from_config(config)
         if not issubclass(bn_class, GhostBatchNormalization):
             config.pop("virtual_batch_size", None)

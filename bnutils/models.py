@@ -1,16 +1,13 @@
 """Model builders used across the suite: MLP, VGG-style CNN, small ResNet, ResNet50, tiny BN nets.
 
-Shared normalization arguments: ``norm`` (``None``, ``"batch"``, ``"layer"``, ``"group"``; group
-norm uses the largest divisor of the channels not above 32); ``bn_position``, ``"before"``
-(``layer -> norm -> act``, Ioffe & Szegedy; the layer then has no bias) or ``"after"``;
-``bn_layer``, the BN class or factory called as ``bn_layer(name=..., **bn_kwargs)`` (default
-``keras.layers.BatchNormalization``); ``bn_kwargs`` for every BN layer; ``synchronized=True``
-adds ``synchronized=True`` to them.
-
-Without ``norm`` the activations are fused into the Dense/Conv layers, as a Keras user writes a
-baseline (and what :func:`bnutils.insert_batchnorm` splits); ``split_activation=True`` gives
-them separate ``*_act`` layers, the BN twin's layout (timed twins need it: a fused
-``Conv2D(activation="relu")`` can train markedly slower). Models end in ``predictions``.
+Shared arguments: ``norm`` (``None``, ``"batch"``, ``"layer"``, ``"group"``: groups = the largest
+divisor of the channels up to 32); ``bn_position`` ``"before"`` (``layer -> norm -> act``, the
+layer without bias) or ``"after"``; ``bn_layer``, a BN class or factory called as
+``bn_layer(name=..., **bn_kwargs)``; ``synchronized=True`` adds itself to ``bn_kwargs``. Without
+``norm`` activations are fused into the Dense/Conv layers (what ``insert_batchnorm`` splits);
+``split_activation=True`` gives separate ``*_act`` layers, the BN twin's layout (fused layers can
+train slower). Models end in ``predictions``. Builders return an uncompiled functional
+``keras.Model`` and raise ``ValueError`` naming an argument out of range.
 """
 
 from __future__ import annotations
@@ -76,9 +73,7 @@ class _Norms:
                 "Pass norm='batch' to use them, or drop them."
             )
         if bn_layer is not None and not callable(bn_layer):
-            raise TypeError(
-                f"Expected `bn_layer` to be a layer class or factory, got {bn_layer!r}."
-            )
+            raise TypeError(f"Expected `bn_layer` to be a class or factory, received {bn_layer!r}.")
         self.norm, self.position, self.activation, self.split = norm, position, activation, split
         self.bn_layer = bn_layer or keras.layers.BatchNormalization
         self.bn_kwargs = {**(bn_kwargs or {}), **({"synchronized": True} if sync else {})}
@@ -150,12 +145,6 @@ def build_mlp(
             module docstring.
         output_activation: activation of ``predictions`` (``None``: logits).
         name: model name (default ``"mlp"``, ``"mlp_bn"``, ``"mlp_bn_after"``, ...).
-
-    Returns:
-        An uncompiled functional ``keras.Model``.
-
-    Raises:
-        ValueError: an argument is out of range (the message says which).
     """
     widths = _check_widths("widths", widths, allow_empty=True)
     n = _Norms(norm, bn_position, activation, bn_layer, bn_kwargs, synchronized, split_activation)
@@ -207,12 +196,6 @@ def build_cnn(
         global_pool: ``GlobalAveragePooling2D`` (``avg_pool``) instead of ``Flatten``, in place
             of the last block's max pooling.
         name: model name (default ``"cnn"``, ``"cnn_bn"``, ...).
-
-    Returns:
-        An uncompiled functional ``keras.Model``.
-
-    Raises:
-        ValueError: an argument is out of range (the message says which).
     """
     input_shape = _check_image(input_shape, dropout)
     k = check_positive_int("convs_per_block", convs_per_block)
@@ -272,12 +255,6 @@ def build_resnet(
         norm, bn_position, bn_layer, bn_kwargs, synchronized: see the module docstring.
         output_activation: activation of ``predictions`` (``None``: logits).
         name: model name (default ``"resnet_bn"``, ``"resnet_bn_after"``, ...).
-
-    Returns:
-        An uncompiled functional ``keras.Model``.
-
-    Raises:
-        ValueError: an argument is out of range (the message says which).
     """
     input_shape = _check_image(input_shape, 0.0)
     widths = _check_widths("widths", widths)
@@ -309,9 +286,6 @@ class _PassThrough(keras.layers.Layer):
 
     def call(self, inputs, training=None, mask=None):
         return inputs
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
 
 
 def _without_bn(layer):
@@ -393,8 +367,7 @@ def small_bn_mlp(
 ) -> keras.Model:
     """``Flatten -> (Dense(width) -> BN -> ReLU) x 2 -> Dense``, logits, seeded initializers.
 
-    After a dense layer BN estimates each feature's statistics from the batch alone, so a small
-    per-replica batch makes them noisy: where synchronizing matters most. Used in notebook A1.
+    Per-feature statistics from small per-replica batches: where sync BN matters most (A1).
 
     Args:
         synchronized, input_shape, num_classes, momentum, seed: as in :func:`small_bn_model`.

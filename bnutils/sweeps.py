@@ -1,8 +1,4 @@
-"""Hyperparameter sweeps over a grid and seeds, and usable ranges (notebooks 05 and 06).
-
-A trial that trains with :func:`bnutils.training.train` (as :class:`TrainTrial` does) is free the
-second time: ``train`` caches every finished run, so a rerun or resumed sweep trains only what is
-missing."""
+"""Grid sweeps over seeds (on ``train``'s run cache) and usable ranges. Notebooks 05 and 06."""
 
 from __future__ import annotations
 
@@ -19,6 +15,8 @@ import numpy as np
 
 from bnutils import config
 from bnutils._util import atomic_write_json, check_positive_int, json_safe, slug
+from bnutils.results import make_table
+from bnutils.training import train
 
 __all__ = [
     "SweepResult",
@@ -37,12 +35,12 @@ _CURVES = ("val_accuracy", "val_loss", "train_loss", "train_accuracy")
 _FLAGS = ("best_val_accuracy", "total_time", "diverged", "divergence_message", "from_cache")
 
 
-def log_grid(low: float, high: float, num: int, digits: int = 3) -> list[float]:
-    """``num`` values log-spaced from ``low`` to ``high``, to ``digits`` significant digits."""
+def log_grid(low: float, high: float, num: int) -> list[float]:
+    """``num`` values log-spaced from ``low`` to ``high``, to 3 significant digits."""
     num = check_positive_int("num", num, minimum=2)
     if not 0 < low < high:
         raise ValueError(f"Expected 0 < low < high, received low={low!r}, high={high!r}.")
-    return [float(f"{v:.{digits}g}") for v in np.geomspace(low, high, num)]
+    return [float(f"{v:.3g}") for v in np.geomspace(low, high, num)]
 
 
 def init_config(scale: float) -> dict:
@@ -66,13 +64,9 @@ def _check_grid(grid: Any) -> dict[str, list]:
     return out
 
 
-def _check_seeds(seeds: Any) -> list[int]:
-    if not isinstance(seeds, Iterable):
-        return list(range(check_positive_int("seeds", seeds)))
-    out = [check_positive_int("seeds[i]", s, minimum=0) for s in seeds]
-    if not out or len(set(out)) != len(out):
-        raise ValueError(f"`seeds` must be a count or distinct seeds, received {out}.")
-    return out
+def _finite(value: Any, other: bool = False) -> bool:  # ``other``: for what is not a number
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return math.isfinite(value) if number else other
 
 
 def _train_metrics(result: Any) -> dict:
@@ -93,12 +87,9 @@ def _record(trial_fn: Callable, params: dict, seed: int) -> dict:
         out = {"diverged": True, "divergence_message": text}
     if hasattr(out, "val_accuracy") and hasattr(out, "diverged"):  # a TrainResult
         out = _train_metrics(out)
-    elif isinstance(out, numbers.Real) and not isinstance(out, bool):
-        out = {"value": out}
     elif not isinstance(out, Mapping):
         raise TypeError(
-            "A trial function must return a dict of metrics, a number or a TrainResult, "
-            f"received {type(out).__name__}."
+            f"trial_fn must return a dict of metrics or a TrainResult; got {type(out).__name__}."
         )
     metrics = {str(k): v.item() if isinstance(v, np.generic) else v for k, v in out.items()}
     diverged, cached = bool(metrics.pop("diverged", 0)), bool(metrics.pop("from_cache", 0))
@@ -110,20 +101,13 @@ def _record(trial_fn: Callable, params: dict, seed: int) -> dict:
 
 
 class TrainTrial:
-    """A trial function for :func:`run_sweep` that trains with :func:`bnutils.training.train`.
+    """A :func:`run_sweep` trial that trains ``builder`` on ``data`` with ``train``. Notebook 06.
 
-    A grid point's ``lr``, ``batch_size``, ``optimizer`` and ``epochs`` go to ``train``;
-    ``bn_momentum``, ``renorm`` and ``bn_epsilon`` into the builder's ``bn_kwargs`` (dropped when
-    ``norm`` is not ``"batch"``); ``init_scale`` becomes ``init_config(init_scale)`` kernels;
-    ``variant`` picks builder arguments from ``variants``; the rest are builder arguments.
-
-    Args:
-        data, builder: a :class:`bnutils.data.Dataset`; a function returning a ``keras.Model``.
-        builder_kwargs: fixed builder arguments.
-        variants: name -> builder arguments, selected by a grid's ``variant``.
-        evaluate: optional ``evaluate(model, result, params) -> dict`` of extra metrics (the
-            model is saved with the run, so this works on a cached run too).
-        **fit: default ``train`` arguments (``epochs`` is required).
+    Grid keys ``lr``, ``batch_size``, ``optimizer``, ``epochs`` override ``**fit`` (``train``'s
+    arguments, ``epochs`` required); ``bn_momentum``, ``renorm``, ``bn_epsilon`` go to the
+    builder's ``bn_kwargs`` (dropped unless ``norm`` is ``"batch"``); ``init_scale`` makes
+    ``init_config(init_scale)`` kernels; ``variant`` picks from ``variants``; other keys, like
+    ``builder_kwargs``, are builder arguments. ``evaluate(model, result, params)`` adds metrics.
     """
 
     def __init__(
@@ -136,7 +120,10 @@ class TrainTrial:
         **fit: Any,
     ):
         if not callable(builder) or "epochs" not in fit:
-            raise TypeError(f"Expected TrainTrial(data, builder, epochs=...), got {builder!r}.")
+            raise TypeError(
+                "Expected TrainTrial(data, builder, epochs=..., **train_kwargs) with a callable "
+                f"builder, received builder={builder!r} and train arguments {sorted(fit)}."
+            )
         self.data, self.builder, self.evaluate, self.fit = data, builder, evaluate, fit
         self.builder_kwargs = dict(builder_kwargs or {})
         self.variants = {str(k): dict(v) for k, v in (variants or {}).items()}
@@ -149,15 +136,11 @@ class TrainTrial:
                 raise KeyError(f"Unknown variant {name!r}; expected one of {list(self.variants)}.")
             build.update(self.variants[name])
         bn = dict(build.get("bn_kwargs") or {})
+        if "init_scale" in params:
+            params["kernel_initializer"] = init_config(params.pop("init_scale"))
         for key, value in params.items():
-            if key in _TRAIN_KEYS:
-                fit[key] = value
-            elif key in _BN_KEYS:
-                bn[_BN_KEYS[key]] = value
-            elif key == "init_scale":
-                build["kernel_initializer"] = init_config(value)
-            else:
-                build[key] = value
+            into = fit if key in _TRAIN_KEYS else bn if key in _BN_KEYS else build
+            into[_BN_KEYS.get(key, key)] = value
         if bn:
             build["bn_kwargs"] = bn
         if build.get("norm", "batch") != "batch":
@@ -167,14 +150,10 @@ class TrainTrial:
         return build, fit
 
     def __call__(self, params: dict, seed: int) -> dict:
-        from bnutils.training import train
-
         build, fit = self.split(params)
+        name, save = getattr(self.builder, "__name__", None), bool(self.evaluate)
         builder = functools.partial(self.builder, **build)
-        name = getattr(self.builder, "__name__", None)
-        result = train(
-            builder, self.data, seed=seed, run_name=name, save_model=bool(self.evaluate), **fit
-        )
+        result = train(builder, self.data, seed=seed, run_name=name, save_model=save, **fit)
         metrics = _train_metrics(result)
         if self.evaluate is not None and not result.diverged:
             metrics.update(self.evaluate(result.model, result, dict(params)))
@@ -186,38 +165,33 @@ def _sweep_path(name: str, create: bool = True):
 
 
 def run_sweep(
-    name: str,
-    grid: Mapping[str, Sequence],
-    trial_fn: Callable[[dict, int], Any],
-    seeds: int | Sequence[int],
-    *,
-    verbose: bool = True,
+    name: str, grid: Mapping, trial_fn: Callable, seeds: int | Sequence, *, verbose: bool = True
 ) -> SweepResult:
-    """Run ``trial_fn(params, seed)`` for every grid point and seed, and save the sweep.
+    """Run ``trial_fn(params, seed)`` for every grid point and seed; save it for :func:`load_sweep`.
 
     Args:
-        name: saved as ``results/sweeps/<slug of name>.json`` (see :func:`load_sweep`).
-        grid: parameter name -> list of JSON values; the first key varies slowest.
-        trial_fn: returns a dict of metrics, a number (stored as ``"value"``) or a
-            :class:`bnutils.training.TrainResult`. A non-finite metric, ``"diverged": True``, a
-            diverged TrainResult or a ``FloatingPointError`` marks the trial diverged; any other
-            exception stops the sweep. ``"from_cache": True`` counts the trial as cached.
-        seeds: a count (``3`` means seeds 0, 1, 2) or a list of seeds.
-        verbose: print one line per trial.
-
-    Raises:
-        ValueError, TypeError: a malformed ``grid`` or ``seeds``, no ``name``, a ``trial_fn``
-            that is not callable or returns something else.
+        name: the sweep's file is ``results/sweeps/<slug of name>.json``.
+        grid: parameter -> list of JSON values; the first key varies slowest.
+        trial_fn: returns a dict of metrics or a ``TrainResult``. A non-finite metric,
+            ``"diverged": True`` or a ``FloatingPointError`` marks the trial diverged.
+        seeds: a count (``3``: seeds 0, 1, 2) or a list of distinct seeds.
     """
     if not isinstance(name, str) or not name.strip() or not callable(trial_fn):
-        raise TypeError(f"Expected a name and a callable trial_fn(params, seed), got {trial_fn!r}.")
-    grid, seeds = _check_grid(grid), _check_seeds(seeds)
+        raise TypeError(
+            f"Need a name and a callable trial_fn(params, seed), received {name!r}, {trial_fn!r}."
+        )
+    grid = _check_grid(grid)
+    if not isinstance(seeds, Iterable):
+        seeds = range(check_positive_int("seeds", seeds))
+    seeds = [check_positive_int("seeds[i]", s, minimum=0) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"`seeds` must be a count or distinct seeds, received {seeds}.")
     points = [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
     trials = []
     for i, (params, seed) in enumerate(itertools.product(points, seeds), 1):
         trials.append(t := _record(trial_fn, params, seed))
-        score = t["metrics"].get("val_accuracy", t["metrics"].get("value", math.nan))
         if verbose:
+            score = t["metrics"].get("val_accuracy", math.nan)
             state = "DIVERGED" if t["diverged"] else f"{score:.4f}" + " (cached)" * t["from_cache"]
             print(f"  [{i}/{len(points) * len(seeds)}] {params} seed={seed}: {state}")
     cached = sum(t["from_cache"] for t in trials)
@@ -236,17 +210,9 @@ def load_sweep(name: str) -> SweepResult:
     return SweepResult(**{**saved, "path": str(path)})
 
 
-def _finite(value: Any, other: bool = False) -> bool:
-    """``value`` is a finite number (``other`` for anything that is not a number)."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        return other
-    return math.isfinite(value)
-
-
 @dataclasses.dataclass
 class SweepResult:
-    """The trials of one sweep (see :func:`run_sweep`), in grid order; ``computed`` and
-    ``cached`` count the trials this call ran and those ``train``'s cache answered."""
+    """A sweep's trials in grid order; ``computed`` ran now, ``train``'s cache answered ``cached``."""
 
     name: str
     grid: dict[str, list]
@@ -256,13 +222,9 @@ class SweepResult:
     cached: int = 0
     path: str | None = None
 
-    def __len__(self) -> int:
-        return len(self.trials)
-
     def aggregate(self, metric: str = "val_accuracy") -> list[dict]:
-        """One row per configuration: its parameters, ``n`` (seeds), ``n_diverged``,
-        ``diverged_fraction``, and the ``mean`` and ``std`` (sample) of ``metric`` over the seeds
-        that did not diverge (NaN where undefined; ``KeyError`` if no trial has ``metric``)."""
+        """Per configuration: its parameters, ``n``, ``n_diverged``, ``diverged_fraction``, and
+        ``mean`` and sample ``std`` of ``metric`` over the seeds that did not diverge (or NaN)."""
         groups: dict[str, list[dict]] = {}
         for t in self.trials:
             groups.setdefault(json.dumps(t["params"], sort_keys=True), []).append(t)
@@ -281,7 +243,7 @@ class SweepResult:
 
     def where(self, **fixed: Any) -> SweepResult:
         """The trials whose parameters equal ``fixed`` (e.g. ``where(norm="batch")``)."""
-        self._check_only(*fixed, others=False)
+        self._check_only(*fixed, *self.grid)  # every key may vary
         grid = {**self.grid, **{k: [json_safe(v)] for k, v in fixed.items()}}
         if bad := [k for k in fixed if grid[k][0] not in self.grid[k]]:
             raise ValueError(f"{bad[0]}={fixed[bad[0]]!r} is not in the grid {self.grid[bad[0]]}.")
@@ -289,16 +251,14 @@ class SweepResult:
         return dataclasses.replace(self, grid=grid, trials=trials)
 
     def best(self, metric: str = "val_accuracy") -> dict:
-        """The :meth:`aggregate` row with the highest mean ``metric``, among configurations
-        that never diverged when there are any (``ValueError`` when every trial diverged)."""
+        """The :meth:`aggregate` row of highest mean, preferring configurations never diverged."""
         rows = [r for r in self.aggregate(metric) if _finite(r["mean"])]
         if not (stable := [r for r in rows if r["n_diverged"] == 0] or rows):
             raise ValueError(f"Every trial of sweep {self.name!r} diverged; no best {metric}.")
         return max(stable, key=lambda r: r["mean"])
 
     def pivot(self, rows: str, cols: str, metric: str = "val_accuracy"):
-        """``(row_values, col_values, array)``: the mean ``metric`` over two parameters (NaN
-        where every seed diverged); the others must have one value (see :meth:`where`)."""
+        """``(row_values, col_values, mean metric array)`` (NaN where every seed diverged)."""
         self._check_only(rows, cols)
         row_vals, col_vals = self.grid[rows], self.grid[cols]
         out = np.full((len(row_vals), len(col_vals)), np.nan)
@@ -307,8 +267,7 @@ class SweepResult:
         return list(row_vals), list(col_vals), out
 
     def curve(self, key: str, metric: str = "val_accuracy") -> dict[str, np.ndarray]:
-        """Arrays ``x`` (values of ``key``), ``mean``, ``std`` and ``diverged_fraction``; the
-        other parameters must have one value (see :meth:`where`)."""
+        """Arrays ``x`` (the values of ``key``), ``mean``, ``std`` and ``diverged_fraction``."""
         self._check_only(key)
         rows = sorted(self.aggregate(metric), key=lambda r: r[key])
         out = {c: np.array([r[c] for r in rows], dtype=float) for c in ("mean", "std")}
@@ -317,18 +276,13 @@ class SweepResult:
 
     def to_table(self, metric: str = "val_accuracy"):
         """The :meth:`aggregate` rows as a :class:`bnutils.results.Table`."""
-        from bnutils.results import make_table
-
         cols = [*list(self.grid), "n", "n_diverged", "mean", "std"]
         return make_table(self.aggregate(metric), columns=cols, digits=4)
 
-    def _check_only(self, *keys: str, others: bool = True) -> None:
+    def _check_only(self, *keys: str) -> None:
         if missing := [k for k in keys if k not in self.grid]:
-            raise KeyError(
-                f"{missing[0]!r} is not a parameter of {self.name!r}: {list(self.grid)}."
-            )
-        varied = [k for k, v in self.grid.items() if k not in keys and len(v) > 1]
-        if others and varied:
+            raise KeyError(f"{missing[0]!r} is not a parameter; expected one of {list(self.grid)}.")
+        if varied := [k for k, v in self.grid.items() if k not in keys and len(v) > 1]:
             raise ValueError(
                 f"Sweep {self.name!r} also varies {varied}; expected one value each. Select "
                 f"one with .where(), e.g. .where({varied[0]}={self.grid[varied[0]][0]!r})."
@@ -337,9 +291,7 @@ class SweepResult:
 
 @dataclasses.dataclass(frozen=True)
 class UsableRange:
-    """What :func:`usable_range` found: ``low`` to ``high`` (``None`` when nothing is usable),
-    the best value without divergence and its score, the values where a seed ``diverged``, and
-    the ``reference`` score."""
+    """What :func:`usable_range` found; ``low``, ``high`` are ``None`` when nothing is usable."""
 
     key: str
     low: Any
@@ -348,19 +300,12 @@ class UsableRange:
     best_score: float
     diverged: tuple
     reference: float
+    decades: float = math.nan
 
-    @property
-    def found(self) -> bool:
-        return self.low is not None
-
-    @property
-    def decades(self) -> float:
-        """``log10(high / low)``: the width in decades (0.0 for one value, NaN for none)."""
-        ok = self.found and self.low > 0 and self.high > 0
-        return math.log10(self.high / self.low) if ok else math.nan
+    found = property(lambda self: self.low is not None, doc="Whether any value is usable.")
 
     def to_dict(self) -> dict:
-        return json_safe({**dataclasses.asdict(self), "decades": self.decades})
+        return json_safe(dataclasses.asdict(self))
 
     def __str__(self) -> str:
         if not self.found:
@@ -376,26 +321,12 @@ def usable_range(
     reference: float | None = None,
     floor: float = 0.5,
 ) -> UsableRange:
-    """The usable range of ``key``: the run of consecutive usable grid values around the best.
+    """The usable range of ``key``: the consecutive usable grid values around the best one.
 
-    The one definition of the suite (notebooks 05 and 06, the README): a value is *usable* when
-    no seed diverged and its mean ``metric`` is within ``threshold`` of ``reference`` and at
-    least ``floor`` (far above chance for ten classes: a sweep in which nothing learns has no
-    usable range). The range is the contiguous run of usable values around the best one.
-
-    Args:
-        results: a :class:`SweepResult` that varies only ``key`` (narrow it with
-            :meth:`SweepResult.where`), or its :meth:`~SweepResult.aggregate` rows.
-        key: the parameter.
-        threshold: the largest drop of the mean ``metric`` below ``reference``.
-        metric: the metric (higher is better).
-        reference: default the best mean without divergence in ``results``; pass a common one
-            (e.g. the best of two sweeps) to compare sweeps.
-        floor: the lowest usable mean ``metric``.
-
-    Raises:
-        ValueError, KeyError: ``results`` varies other parameters, a negative ``threshold``, or
-            ``key`` is not a parameter.
+    The suite's one definition (notebooks 05 and 06, the README): a value is usable when no seed
+    diverged and its mean ``metric`` is at least ``reference - threshold`` and ``floor``.
+    ``results``: a :class:`SweepResult` varying only ``key`` (see :meth:`SweepResult.where`) or
+    its :meth:`~SweepResult.aggregate` rows; ``reference`` defaults to their best stable mean.
     """
     if not threshold >= 0:
         raise ValueError(f"`threshold` must be >= 0, received {threshold!r}.")
@@ -412,6 +343,7 @@ def usable_range(
         lo -= 1
     while hi is not None and hi + 1 < len(rows) and good[hi + 1]:
         hi += 1
-    ends = (None, None) if lo is None else (rows[lo][key], rows[hi][key])
+    low, high = (None, None) if lo is None else (rows[lo][key], rows[hi][key])
+    decades = math.log10(high / low) if lo is not None and low > 0 and high > 0 else math.nan
     diverged = tuple(r[key] for r in rows if r["n_diverged"] > 0)
-    return UsableRange(key, *ends, best[key], best["mean"], diverged, reference)
+    return UsableRange(key, low, high, best[key], best["mean"], diverged, reference, decades)

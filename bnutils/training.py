@@ -8,6 +8,7 @@ by the built model, its initial weights, the data and the settings) or fits it t
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -23,7 +24,10 @@ from bnutils import cache
 from bnutils import config as _config
 from bnutils._graph import ends_in_softmax
 from bnutils._util import atomic_path, check_positive_int, env_info, json_safe
-from bnutils.cache import FORMAT_VERSION, load_result
+from bnutils.cache import FORMAT_VERSION
+from bnutils.callbacks import Tracker
+from bnutils.data import make_tf_dataset
+from bnutils.repro import set_seed
 
 __all__ = ["FORMAT_VERSION", "TrainResult", "load_result", "resolve_verbose", "train"]
 
@@ -143,6 +147,22 @@ class TrainResult:
             f"{self.final_val_accuracy:.4f} (best {self.best_val_accuracy:.4f}), "
             f"{self.total_time:.1f} s{cached}"
         )
+
+
+def load_result(path: str | os.PathLike) -> TrainResult:
+    """Read a :class:`TrainResult` from its JSON file (``from_cache`` set).
+
+    Raises:
+        ValueError: the file is unreadable, not a result, or from a newer format.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"Cannot read a training result from {path}: {e}") from e
+    result = TrainResult.from_dict(data)
+    result.from_cache, result.path = True, str(path)
+    return result
 
 
 def resolve_verbose(verbose: int | None = None) -> int:
@@ -302,10 +322,6 @@ def train(
         ValueError: bad sizes, unknown optimizer names.
         TypeError: ``data`` is not a Dataset, the builder does not return a model.
     """
-    from bnutils.callbacks import Tracker
-    from bnutils.data import make_tf_dataset
-    from bnutils.repro import set_seed
-
     _check_data(data)
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_positive_int("batch_size", batch_size)
@@ -324,7 +340,11 @@ def train(
     compiled = dict(optimizer=opt, loss=model.loss, metrics=metrics, callbacks=callbacks)
     key = cache.run_key(model, data, run_name or model.name, **compiled, **run)
     model_path = models_dir / f"{key}.keras"
-    cached = None if force else cache.lookup(runs_dir, key, model_path if save_model else None)
+    cached = (
+        None
+        if force
+        else cache.lookup(runs_dir, key, load_result, model_path if save_model else None)
+    )
     if cached is not None:
         for tracker, saved in zip(trackers, cached.trackers, strict=False):
             tracker.load_dict(saved)

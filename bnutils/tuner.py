@@ -1,7 +1,6 @@
-"""A KerasTuner random search over the learning rate, batch size and BN momentum (notebook 06).
+"""A KerasTuner random search over learning rate, batch size and BN momentum. Notebook 06.
 
-``keras-tuner`` is optional: it is imported only when :func:`keras_tuner_search` runs.
-"""
+``keras-tuner`` is optional: it is imported only when :func:`keras_tuner_search` runs."""
 
 from __future__ import annotations
 
@@ -17,6 +16,9 @@ import numpy as np
 
 from bnutils import config
 from bnutils._util import check_choice, check_positive_int, digest, json_safe
+from bnutils.repro import set_seed
+from bnutils.results import make_table
+from bnutils.training import resolve_verbose, train
 
 __all__ = ["TunerSearchResult", "keras_tuner_search"]
 
@@ -41,8 +43,6 @@ class TunerSearchResult:
 
     def to_table(self):
         """The trials as a :class:`bnutils.results.Table` (Markdown in Jupyter)."""
-        from bnutils.results import make_table
-
         return make_table(self.trials, digits=4)
 
 
@@ -71,10 +71,10 @@ def keras_tuner_search(
     epochs: int | None = None,
     seed: int = 0,
 ) -> TunerSearchResult:
-    """Random search (``keras_tuner.RandomSearch``, objective: best validation accuracy) over a
-    log-uniform learning rate in ``lr_range``, the ``batch_sizes`` and the BN ``momentums``, each
-    trial trained by :func:`bnutils.training.train`. The search lives in ``results/tuner/``, named
-    after the profile and a digest of settings and data: a rerun resumes it.
+    """``keras_tuner.RandomSearch`` for the best validation accuracy over a log-uniform learning
+    rate in ``lr_range``, the ``batch_sizes`` and BN ``momentums``, each trial run by ``train``.
+    It lives in ``results/tuner/``, named after the profile and a digest of settings and data, so
+    a rerun resumes it.
 
     Args:
         data: a :class:`bnutils.data.Dataset` (trains on ``x_train``, scores on ``x_val``).
@@ -103,9 +103,6 @@ def keras_tuner_search(
             f"lr_range={lr_range!r}, batch_sizes={batch_sizes!r}, momentums={momentums!r}."
         )
     kt = _import_keras_tuner()
-    from bnutils.repro import set_seed
-    from bnutils.training import resolve_verbose, train
-
     space = [low, high, batch_sizes, momentums, optimizer, max_trials, epochs, seed]
     space.append(getattr(builder, "__qualname__", ""))
     key = digest(np.array(json.dumps(space)), data.x_train, data.y_train, data.x_val, data.y_val)

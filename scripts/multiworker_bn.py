@@ -108,11 +108,7 @@ def _model_fn(args, x, y):
 
 
 def _dump(stats, path: Path) -> None:
-    arrays = {
-        f"weight_{i:03d}": w
-        for i, (w, trainable) in enumerate(zip(stats.weights, stats.trainable, strict=True))
-        if trainable
-    }  # the non-trainable weights are the moving statistics, dumped below
+    arrays = {f"weight_{i:03d}": w for i, w in enumerate(stats.weights)}  # the trainable ones
     for name in stats.layer_names:
         arrays[f"moving_mean/{name}"] = stats.moving_mean[name]
         arrays[f"moving_var/{name}"] = stats.moving_var[name]

@@ -173,13 +173,3 @@ def test_litert_agrees_with_keras(model, x, tmp_path):
     np.testing.assert_allclose(predict(x), _expected(model, x), atol=tol)
     np.testing.assert_allclose(predict(x[:1]), _expected(model, x[:1]), atol=tol)  # resized
     assert [p.name for p in tmp_path.iterdir()] == ["m.tflite"]
-
-
-def test_runtime_agreement_table(model, x, tmp_path):
-    from bnutils.export import runtime_agreement
-
-    with pytest.raises(ValueError, match="Unknown runtime"):
-        runtime_agreement(model, x, tmp_path, runtimes=("tensorrt",))
-    result = runtime_agreement(model, x, tmp_path, runtimes=("savedmodel",))
-    assert set(result) == {"savedmodel"}
-    assert result["savedmodel"] <= 1e-5

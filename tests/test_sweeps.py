@@ -60,7 +60,7 @@ def test_every_trial_runs_in_grid_order_and_the_sweep_is_saved(capsys):
     result = run_sweep("my sweep", GRID, trial, seeds=[3, 5])
     out = capsys.readouterr().out
     assert "[12/12]" in out and "(cached)" not in out
-    assert (result.computed, result.cached, len(result)) == (12, 0, 12)
+    assert (result.computed, result.cached, len(result.trials)) == (12, 0, 12)
     assert [s for _, s in trial.calls] == [3, 5] * 6
     assert [p for p, _ in trial.calls[::2]] == [
         {"lr": lr, "width": w} for lr in GRID["lr"] for w in GRID["width"]
@@ -131,9 +131,10 @@ def test_input_validation():
         run_sweep("x", GRID, "trial", seeds=1)
     with pytest.raises(TypeError, match="dict of metrics"):
         run_sweep("x", GRID, lambda p, s: "oops", seeds=1, verbose=False)
-    assert run_sweep("n", {"lr": [0.1]}, lambda p, s: 0.5, seeds=1).trials[0]["metrics"] == {
-        "value": 0.5
-    }
+    with pytest.raises(TypeError, match="dict of metrics"):
+        run_sweep("n", {"lr": [0.1]}, lambda p, s: 0.5, seeds=1, verbose=False)
+    single = run_sweep("n", {"lr": [0.1]}, lambda p, s: {"value": 0.5}, seeds=1)
+    assert single.trials[0]["metrics"] == {"value": 0.5}
     assert log_grid(1e-3, 1.0, 4) == [0.001, 0.01, 0.1, 1.0]
     with pytest.raises(ValueError, match="low < high"):
         log_grid(1.0, 0.1, 3)
@@ -154,7 +155,7 @@ def test_aggregate_where_pivot_and_best():
     assert (best["lr"], best["width"]) == (0.1, 16)
 
     narrow = result.where(width=8)
-    assert len(narrow) == 9 and narrow.grid["width"] == [8]
+    assert len(narrow.trials) == 9 and narrow.grid["width"] == [8]
     curve = narrow.curve("lr")
     np.testing.assert_allclose(curve["x"], [0.001, 0.01, 0.1])
     assert np.all(np.diff(curve["mean"]) > 0)

@@ -333,8 +333,8 @@ def test_unreadable_runs_are_trained_again_and_newer_formats_refused(data, tmp_p
     first = train(build_mlp, data, epochs=1, batch_size=128, results_dir=tmp_path)
     saved = json.loads(open(first.path).read())
     assert saved["format_version"] == cache.FORMAT_VERSION == 2
-    assert cache.lookup(tmp_path, first.key).history == first.history
-    assert cache.lookup(tmp_path, "no-such-run") is None
+    assert cache.lookup(tmp_path, first.key, load_result).history == first.history
+    assert cache.lookup(tmp_path, "no-such-run", load_result) is None
     open(first.path, "w").write("{not json")
     with pytest.warns(UserWarning, match="unreadable"):
         again = train(build_mlp, data, epochs=1, batch_size=128, results_dir=tmp_path)

@@ -53,8 +53,12 @@ def nav() -> None:
         line = f"{NAV_MARK}\n" + " | ".join(parts)
         nb = nbformat.read(p, as_version=4)
         old = [c for c in nb.cells if c.source.startswith(NAV_MARK)]
-        if (len(old) == 2 and nb.cells[0] is old[0] and nb.cells[-1] is old[1]
-                and all(c.source == line for c in old)):
+        if (
+            len(old) == 2
+            and nb.cells[0] is old[0]
+            and nb.cells[-1] is old[1]
+            and all(c.source == line for c in old)
+        ):
             continue  # up to date: leave the file (and its cell ids) alone
         nb.cells = [c for c in nb.cells if not c.source.startswith(NAV_MARK)]
         head, tail = nbformat.v4.new_markdown_cell(line), nbformat.v4.new_markdown_cell(line)
@@ -79,8 +83,9 @@ def run(names: list[str]) -> None:
         start = time.perf_counter()
         print(f"[{profile}] executing {p.name} ...", flush=True)
         nb = nbformat.read(p, as_version=4)
-        client = NotebookClient(nb, timeout=3600, kernel_name="python3",
-                                resources={"metadata": {"path": str(p.parent)}})
+        client = NotebookClient(
+            nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(p.parent)}}
+        )
         client.execute()
         seconds = time.perf_counter() - start
         _drop_log_noise(nb)
@@ -89,16 +94,21 @@ def run(names: list[str]) -> None:
             "executed": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
             "seconds": round(seconds, 1),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
-            if not _has_gpu() else f"{platform.machine()} with GPU",
+            if not _has_gpu()
+            else f"{platform.machine()} with GPU",
         }
         nbformat.write(nb, p)
         print(f"  done in {seconds:.0f} s", flush=True)
 
 
-_NOISE = ("absl::InitializeLog()", "oneDNN custom operations", "cpu_feature_guard",
-          "This TensorFlow binary is optimized",
-          # tf.data graphs written by a newer TF than the runtime: harmless, logged by C++
-          "mentions attribute use_unbounded_threadpool")
+_NOISE = (
+    "absl::InitializeLog()",
+    "oneDNN custom operations",
+    "cpu_feature_guard",
+    "This TensorFlow binary is optimized",
+    # tf.data graphs written by a newer TF than the runtime: harmless, logged by C++
+    "mentions attribute use_unbounded_threadpool",
+)
 
 
 def _drop_log_noise(nb) -> None:
@@ -109,8 +119,11 @@ def _drop_log_noise(nb) -> None:
         kept = []
         for o in c.outputs:
             if o.get("output_type") == "stream" and o.get("name") == "stderr":
-                lines = [ln for ln in o["text"].splitlines(keepends=True)
-                         if not any(n in ln for n in _NOISE)]
+                lines = [
+                    ln
+                    for ln in o["text"].splitlines(keepends=True)
+                    if not any(n in ln for n in _NOISE)
+                ]
                 if not lines:
                     continue
                 o["text"] = "".join(lines)
@@ -133,9 +146,11 @@ def check() -> list[str]:
         nb = nbformat.read(p, as_version=4)
         meta = nb.metadata.get("bnutils", {})
         if meta.get("profile") != "full":
-            problems.append(f"{p.name}: outputs are not from a full-profile run "
-                            f"(metadata profile={meta.get('profile')!r}); run "
-                            f"`BNUTILS_PROFILE=full python tools/notebooks.py run {p.stem}`.")
+            problems.append(
+                f"{p.name}: outputs are not from a full-profile run "
+                f"(metadata profile={meta.get('profile')!r}); run "
+                f"`BNUTILS_PROFILE=full python tools/notebooks.py run {p.stem}`."
+            )
         counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
         if any(n is None for n in counts) or counts != sorted(counts):
             problems.append(f"{p.name}: code cells not all executed in order: {counts}.")
