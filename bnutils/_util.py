@@ -84,6 +84,9 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~umask)  # mkstemp/mkdtemp make them private
     if not (directory and target.exists()):
         os.replace(tmp, target)
         return

@@ -3,10 +3,10 @@
 The key hashes the *built* model (its architecture, with generated layer names replaced by
 their order, and its initial weights), the data (:func:`bnutils._util.digest` of the training
 and validation arrays) and the training settings (optimizer and loss configs, epochs, batch
-size, seed, callbacks' fingerprints, ...). How the builder is written does not count: two
-builders that build the same model with the same weights share their runs. Changes the key
-cannot see (e.g. the code of a plain-function ``augment``) need ``force=True`` or a new
-``run_name``.
+size, seed, callbacks' settings, ...). How the builder is written does not count: two
+builders that build the same model with the same weights and the same ``run_name`` share a
+run. Changes the key cannot see (e.g. the code of a plain-function ``augment``) need
+``force=True`` or a new ``run_name``; a lambda in the settings is refused.
 
 >>> key = run_key(model, data, name="mlp", epochs=2, seed=0)
 >>> lookup(directory, key, bnutils.training.load_result)  # the cached TrainResult, or None
@@ -14,6 +14,7 @@ cannot see (e.g. the code of a plain-function ``augment``) need ``force=True`` o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -63,9 +64,25 @@ def describe(obj: Any) -> Any:
         except Exception:  # objects whose config is not implemented
             config = None
         return {"class": _qualname(type(obj)), "config": json_safe(config)}
-    if callable(obj):
-        return _qualname(obj)
-    return _qualname(type(obj))
+    if isinstance(obj, functools.partial):
+        return {
+            "partial": describe(obj.func),
+            "args": describe(obj.args),
+            "keywords": describe(obj.keywords),
+        }
+    if isinstance(obj, keras.callbacks.Callback):  # its settings: public plain attributes
+        plain = (bool, int, float, str, type(None))
+        settings = {k: v for k, v in sorted(vars(obj).items()) if not k.startswith("_")}
+        settings = {k: v for k, v in settings.items() if k != "model" and isinstance(v, plain)}
+        return {"class": _qualname(type(obj)), "settings": json_safe(settings)}
+    name = _qualname(obj if callable(obj) else type(obj))
+    if "<lambda>" in name or "<locals>" in name:
+        raise ValueError(
+            f"Cannot tell two {name!r} apart in a run's cache key: a lambda or a function "
+            "defined inside another one is known only by its name. Define it at module level, "
+            "give it a `fingerprint()` method returning its settings, or pass `force=True`."
+        )
+    return name
 
 
 def _layer_names(config: Any, out: list) -> list:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bnutils import config
-from bnutils.evaluation import confusion_matrix
+from bnutils.evaluation import _get, confusion_matrix
 from bnutils.stats import Summary, summarize
 
 __all__ = [
@@ -82,10 +82,6 @@ def _finish(axes, name: str | None, title: str | None = None):
         save(fig, name)
     plt.close(fig)  # returned, not auto-shown: the notebook displays it once
     return fig
-
-
-def _get(run, name: str):
-    return run.get(name) if isinstance(run, Mapping) else getattr(run, name, None)
 
 
 def _curve(run, metric: str) -> np.ndarray:

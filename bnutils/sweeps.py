@@ -204,10 +204,16 @@ def load_sweep(name: str) -> SweepResult:
     """The sweep ``name`` as :func:`run_sweep` saved it last; ``FileNotFoundError`` if none."""
     if not (path := _sweep_path(name, create=False)).is_file():
         raise FileNotFoundError(f"No saved sweep {name!r}: no file {path}. Run run_sweep() first.")
-    saved = json.loads(path.read_text())
-    for t in saved["trials"]:
-        t["metrics"] = {k: math.nan if v is None else v for k, v in t["metrics"].items()}
-    return SweepResult(**{**saved, "path": str(path)})
+    try:
+        saved = json.loads(path.read_text())
+        for t in saved["trials"]:
+            t["metrics"] = {k: math.nan if v is None else v for k, v in t["metrics"].items()}
+        return SweepResult(**{**saved, "path": str(path)})
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(
+            f"{path} is not a sweep saved by this version of bnutils ({type(e).__name__}: {e}); "
+            f"run run_sweep({name!r}, ...) again to rewrite it."
+        ) from e
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ import numpy as np
 
 from bnutils import config
 from bnutils._util import check_choice, check_positive_int, digest, json_safe
+from bnutils.cache import describe
 from bnutils.repro import set_seed
 from bnutils.results import make_table
 from bnutils.training import resolve_verbose, train
@@ -104,7 +105,8 @@ def keras_tuner_search(
         )
     kt = _import_keras_tuner()
     space = [low, high, batch_sizes, momentums, optimizer, max_trials, epochs, seed]
-    space.append(getattr(builder, "__qualname__", ""))
+    set_seed(seed)  # the project is keyed by the built model too, as train()'s cache is
+    space.append(describe(builder(bn_momentum=momentums[0])))
     key = digest(np.array(json.dumps(space)), data.x_train, data.y_train, data.x_val, data.y_val)
     project = f"bn_mlp_{getattr(profile, 'name', 'custom')}_{key[:8]}"
 

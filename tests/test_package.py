@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -19,6 +20,30 @@ PRIVATE_KERAS = re.compile(
 
 def _modules() -> list[Path]:
     return sorted(PACKAGE.glob("*.py"))
+
+
+def _code_outside_the_package() -> dict[str, str]:
+    """Notebook code cells, benchmarks, scripts and tools: they must not need Keras internals."""
+    root = PACKAGE.parent
+    sources = {
+        str(p.relative_to(root)): p.read_text()
+        for d in ("benchmarks", "scripts", "tools")
+        for p in sorted((root / d).glob("*.py"))
+    }
+    for nb in sorted((root / "notebooks").glob("*.ipynb")):
+        cells = json.loads(nb.read_text())["cells"]
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        sources[str(nb.relative_to(root))] = "\n".join(code)
+    return sources
+
+
+def test_private_keras_api_not_in_notebooks_benchmarks_scripts():
+    offenders = {
+        name: sorted(set(PRIVATE_KERAS.findall(text)))
+        for name, text in _code_outside_the_package().items()
+        if PRIVATE_KERAS.search(text)
+    }
+    assert not offenders, f"private Keras API outside bnutils/_graph.py: {offenders}"
 
 
 def test_fresh_interpreter_sees_submodules_and_every_public_name():
@@ -47,9 +72,7 @@ def test_private_keras_api_only_in_the_graph_module():
     assert uses, "bnutils/_graph.py should be where the private Keras API lives"
     # each use carries its reason on the line above (or on a comment block just before)
     unexplained = [
-        i + 1
-        for i in uses
-        if not any("Private:" in graph[j] for j in range(max(0, i - 3), i + 1))
+        i + 1 for i in uses if not any("Private:" in graph[j] for j in range(max(0, i - 3), i + 1))
     ]
     assert not unexplained, f"_graph.py lines without a `# Private: reason`: {unexplained}"
 

@@ -12,9 +12,7 @@ in the quick profile with nbval and never writes them back.
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -89,13 +87,17 @@ def run(names: list[str]) -> None:
         client.execute()
         seconds = time.perf_counter() - start
         _drop_log_noise(nb)
+        from bnutils._util import env_info
+
+        env = env_info()  # the one source of machine facts (bnutils.results uses it too)
+        m = env["machine"]
+        flags = "/".join(m["cpu_flags"]) or "no SIMD flags read"
+        gpu = "with GPU" if _has_gpu() else "no GPU"
         nb.metadata["bnutils"] = {
             "profile": profile,
-            "executed": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
+            "executed": env["date"][:10],
             "seconds": round(seconds, 1),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
-            if not _has_gpu()
-            else f"{platform.machine()} with GPU",
+            "machine": f"{m['processor']}, {m['cpu_count']} CPU cores ({flags}), {gpu}",
         }
         nbformat.write(nb, p)
         print(f"  done in {seconds:.0f} s", flush=True)
