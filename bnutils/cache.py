@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import os
 import warnings
@@ -70,17 +71,18 @@ def describe(obj: Any) -> Any:
             "args": describe(obj.args),
             "keywords": describe(obj.keywords),
         }
-    if isinstance(obj, keras.callbacks.Callback):  # its settings: public plain attributes
-        plain = (bool, int, float, str, type(None))
-        settings = {k: v for k, v in sorted(vars(obj).items()) if not k.startswith("_")}
-        settings = {k: v for k, v in settings.items() if k != "model" and isinstance(v, plain)}
-        return {"class": _qualname(type(obj)), "settings": json_safe(settings)}
+    if isinstance(obj, keras.callbacks.Callback):
+        # Its settings: the constructor's arguments, read back from the same-named attributes
+        # (counters and other state a run changes are not settings).
+        params = inspect.signature(type(obj).__init__).parameters
+        settings = {k: describe(getattr(obj, k)) for k in params if k != "self" and hasattr(obj, k)}
+        return {"class": _qualname(type(obj)), "settings": settings}
     name = _qualname(obj if callable(obj) else type(obj))
     if "<lambda>" in name or "<locals>" in name:
         raise ValueError(
             f"Cannot tell two {name!r} apart in a run's cache key: a lambda or a function "
-            "defined inside another one is known only by its name. Define it at module level, "
-            "give it a `fingerprint()` method returning its settings, or pass `force=True`."
+            "defined inside another one is known only by its name. Define it at module level "
+            "or give it a `fingerprint()` method that returns its settings."
         )
     return name
 

@@ -240,9 +240,13 @@ def test_compiled_model_keeps_its_compile_settings(data):
     assert r.model is model and len(r.val_accuracy) == 1
 
 
-def test_augment_is_applied_to_training_batches_only(data, tmp_path):
+def _blank_images(x, y):
     import tensorflow as tf
 
+    return tf.zeros_like(x), y
+
+
+def test_augment_is_applied_to_training_batches_only(data, tmp_path):
     plain = train(build_mlp, data, epochs=1, batch_size=128, results_dir=tmp_path)
     blank = train(
         build_mlp,
@@ -250,7 +254,7 @@ def test_augment_is_applied_to_training_batches_only(data, tmp_path):
         epochs=1,
         batch_size=128,
         results_dir=tmp_path,
-        augment=lambda x, y: (tf.zeros_like(x), y),
+        augment=_blank_images,
     )
     assert blank.key != plain.key
     assert blank.history["loss"] != plain.history["loss"]
@@ -261,7 +265,7 @@ def test_augment_is_applied_to_training_batches_only(data, tmp_path):
         epochs=1,
         batch_size=128,
         results_dir=tmp_path,
-        augment=lambda x, y: (tf.zeros_like(x), y),
+        augment=_blank_images,
         force=True,
     )
     kernel = grads_free.model.get_layer("d1").kernel.numpy()
@@ -344,3 +348,18 @@ def test_unreadable_runs_are_trained_again_and_newer_formats_refused(data, tmp_p
         TrainResult.from_dict(newer)
     with pytest.raises(ValueError, match="Not a saved TrainResult"):
         TrainResult.from_dict({"history": {}})
+
+
+def test_key_sees_callback_settings_and_partials_and_refuses_lambdas():
+    early = [keras.callbacks.EarlyStopping(patience=p) for p in (1, 1, 5)]
+    assert cache.describe(early[0]) == cache.describe(early[1])
+    assert cache.describe(early[0]) != cache.describe(early[2]), "patience changes training"
+    counter = BatchCounter()
+    before = cache.describe(counter)
+    counter.batches = 99  # state a run changes is not a setting
+    assert cache.describe(counter) == before
+    assert cache.describe(functools.partial(np.clip, a_min=0)) != cache.describe(
+        functools.partial(np.clip, a_min=1)
+    )
+    with pytest.raises(ValueError, match="lambda"):
+        cache.describe(lambda x: x)
