@@ -62,6 +62,10 @@ def json_safe(obj: Any) -> Any:
 # ---------------------------------------------------------------- atomic writes
 
 
+_UMASK = os.umask(0o022)  # read once, at import (reading it means setting it), and restored
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it onto ``target``.
@@ -84,9 +88,7 @@ def atomic_path(target: str | os.PathLike, directory: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, (0o777 if directory else 0o666) & ~umask)  # mkstemp/mkdtemp make them private
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_UMASK)  # mkstemp/mkdtemp make them private
     if not (directory and target.exists()):
         os.replace(tmp, target)
         return

@@ -14,6 +14,7 @@ run. Changes the key cannot see (e.g. the code of a plain-function ``augment``) 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -40,8 +41,9 @@ def _qualname(obj: Any) -> str:
 def describe(obj: Any) -> Any:
     """``obj`` as JSON values for a cache key: models by architecture and weights, other Keras
     objects by class and config (without their generated ``name``), arrays by digest, objects
-    with a ``fingerprint()`` method by it, functions and other objects by their qualified
-    name (never by their code)."""
+    with a ``fingerprint()`` method by it, dataclasses by their fields, functions by their
+    qualified name (never by their code; lambdas are refused), other objects by the
+    constructor arguments they store under the same names."""
     import keras
 
     if obj is None or isinstance(obj, (bool, int, float, str)):
@@ -71,20 +73,29 @@ def describe(obj: Any) -> Any:
             "args": describe(obj.args),
             "keywords": describe(obj.keywords),
         }
-    if isinstance(obj, keras.callbacks.Callback):
-        # Its settings: the constructor's arguments, read back from the same-named attributes
-        # (counters and other state a run changes are not settings).
-        params = inspect.signature(type(obj).__init__).parameters
-        settings = {k: describe(getattr(obj, k)) for k in params if k != "self" and hasattr(obj, k)}
-        return {"class": _qualname(type(obj)), "settings": settings}
-    name = _qualname(obj if callable(obj) else type(obj))
-    if "<lambda>" in name or "<locals>" in name:
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(map(describe, obj), key=repr)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: describe(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {"class": _qualname(type(obj)), "fields": fields}
+    name = _qualname(obj if isinstance(obj, type) or inspect.isroutine(obj) else type(obj))
+    if "<lambda>" in name or ("<locals>" in name and inspect.isroutine(obj)):
         raise ValueError(
             f"Cannot tell two {name!r} apart in a run's cache key: a lambda or a function "
             "defined inside another one is known only by its name. Define it at module level "
             "or give it a `fingerprint()` method that returns its settings."
         )
-    return name
+    if inspect.isroutine(obj) or isinstance(obj, type):
+        return name
+    # Any other object (a callback, a callable augmenter): its settings are the constructor's
+    # arguments, read back from the same-named attributes; counters and other state a run
+    # changes are not settings, nor is how much it prints.
+    params = inspect.signature(type(obj).__init__).parameters
+    skip = {"self", "verbose", "args", "kwargs"}
+    settings = {k: describe(getattr(obj, k)) for k in params if k not in skip and hasattr(obj, k)}
+    return {"class": name, "settings": settings}
 
 
 def _layer_names(config: Any, out: list) -> list:

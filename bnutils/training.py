@@ -309,10 +309,12 @@ def train(
         config: extra settings recorded with the run and part of its cache key.
         force: train even if this run is cached.
         callbacks: extra Keras callbacks; :class:`bnutils.callbacks.Tracker` records are
-            saved and restored on a cache hit, other callbacks count in the key by class only.
+            saved and restored on a cache hit, other callbacks count in the key by their
+            constructor arguments (see :func:`bnutils.cache.describe`).
         verbose: Keras verbosity (``None``: :func:`resolve_verbose`).
         augment: a Keras layer applied to training batches, or a function ``(x, y) -> (x, y)``
-            mapped over them (a function counts in the key by its name only).
+            mapped over them (a module-level function counts in the key by its name; a lambda
+            is refused).
         save_model: also save the model as ``<key>.keras``; a cache hit loads it.
 
     Returns:

@@ -90,3 +90,24 @@ def test_no_handwritten_t_distribution():
         text = p.read_text()
         assert "betainc" not in text and "def t_quantile" not in text, p.name
     assert "scipy.stats" in (PACKAGE / "stats.py").read_text()
+
+
+def test_atomic_writes_leave_nothing_behind_and_keep_normal_permissions(tmp_path):
+    from bnutils._util import atomic_path, atomic_write_json
+
+    target = atomic_write_json(tmp_path / "r.json", {"x": float("nan")})
+    assert json.loads(target.read_text()) == {"x": None}
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_umask(), "not private like mkstemp's"
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "r.json") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash while writing")
+    assert json.loads(target.read_text()) == {"x": None}, "the old file is kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"], "no partial file is left"
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -74,6 +74,9 @@ def test_every_trial_runs_in_grid_order_and_the_sweep_is_saved(capsys):
     assert [t["params"] for t in saved.trials] == [t["params"] for t in result.trials]
     with pytest.raises(FileNotFoundError, match="run_sweep"):
         load_sweep("never run")
+    Path(result.path).write_text('{"name": "my sweep"}')  # not a sweep any more
+    with pytest.raises(ValueError, match="run_sweep"):
+        load_sweep("my sweep")
 
 
 def test_divergence_is_recorded_and_the_sweep_goes_on():
