@@ -68,3 +68,21 @@ def test_readme_audit_comes_from_the_committed_notebook_run():
     for row in saved["rows"]:
         line = f"| {row['claim']} | {row['experiment']} | {row['measured']} | {row['verdict']} |"
         assert line in printed, f"not in the notebook's audit table: {line}"
+
+
+def test_runner_drops_tensorflow_log_lines_and_machine_paths():
+    tool = _tool()
+    nb = nbformat.v4.new_notebook()
+    log = "E0000 00:00:1795573885.101797    3009 node_def_util.cc:682] NodeDef mentions x\n"
+    text = (
+        f"{log}INFO:tensorflow:Assets written to: /x/assets\n"
+        f"wrote {tool.ROOT}/results/tuning_summary.json\n"
+    )
+    cell = nbformat.v4.new_code_cell("print()")
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stdout", text=text),
+        nbformat.v4.new_output("stream", name="stderr", text=log),
+    ]
+    nb.cells.append(cell)
+    tool._drop_log_noise(nb)
+    assert [o["text"] for o in cell.outputs] == ["wrote results/tuning_summary.json\n"]

@@ -13,7 +13,9 @@ in the quick profile with nbval and never writes them back.
 from __future__ import annotations
 
 import os
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,27 +110,41 @@ _NOISE = (
     "oneDNN custom operations",
     "cpu_feature_guard",
     "This TensorFlow binary is optimized",
-    # tf.data graphs written by a newer TF than the runtime: harmless, logged by C++
-    "mentions attribute use_unbounded_threadpool",
+    "To enable the following instructions",
 )
+# C++ (glog) lines such as `E0000 00:00:17955... node_def_util.cc:682] ...`, and absl's Python
+# `INFO:tensorflow:` lines: neither obeys TF_CPP_MIN_LOG_LEVEL, neither teaches anything.
+_LOG_LINE = re.compile(r"^([EIWF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ |(INFO|WARNING):tensorflow:)")
+
+
+def _machine_paths() -> list[tuple[str, str]]:
+    """This machine's folders as they would appear in an output, and what stands for them."""
+    return [
+        (str(Path(sys.prefix)) + os.sep, "<venv>/"),
+        (str(ROOT) + os.sep, ""),
+        (tempfile.gettempdir().rstrip(os.sep) + os.sep, "$TMPDIR/"),
+    ]
 
 
 def _drop_log_noise(nb) -> None:
-    """Remove TensorFlow's start-up log lines (C++ logging ignores TF_CPP_MIN_LOG_LEVEL)."""
+    """Remove TensorFlow's log lines from stream outputs and write machine paths relatively."""
     for c in nb.cells:
         if c.cell_type != "code":
             continue
         kept = []
         for o in c.outputs:
-            if o.get("output_type") == "stream" and o.get("name") == "stderr":
+            if o.get("output_type") == "stream":
                 lines = [
                     ln
                     for ln in o["text"].splitlines(keepends=True)
-                    if not any(n in ln for n in _NOISE)
+                    if not (_LOG_LINE.match(ln) or any(n in ln for n in _NOISE))
                 ]
                 if not lines:
                     continue
-                o["text"] = "".join(lines)
+                text = "".join(lines)
+                for path, stand_in in _machine_paths():
+                    text = text.replace(path, stand_in)
+                o["text"] = text
             kept.append(o)
         c.outputs = kept
 
