@@ -8,13 +8,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.bnutils-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9A-Z]*.ipynb)) $(sort $(wildcard notebooks/drafts/*.ipynb))
 
-.PHONY: run test setup data lint unit nbval results benchmarks format
+.PHONY: run test setup data lint unit unit-slow nbval results benchmarks format
 
 ## make run: set up, then execute every notebook in place (profile: $BNUTILS_PROFILE, default full)
 run: setup
 	$(BIN)/python tools/notebooks.py run
 
-## make test: set up, then lint, unit tests, notebooks under nbval (quick profile)
+## make test: set up, then lint, fast unit tests, notebooks under nbval (quick profile);
+## the slow unit tests (marked `slow`: real models, subprocesses, training) run with `make unit-slow`
 test: setup lint unit nbval
 
 setup: $(STAMP) data
@@ -36,7 +37,10 @@ lint: setup
 	$(BIN)/ruff format --check $(LINTED)
 
 unit: setup
-	BNUTILS_PROFILE=quick $(BIN)/python -m pytest -q tests
+	BNUTILS_PROFILE=quick $(BIN)/python -m pytest -q -m "not slow" tests
+
+unit-slow: setup
+	BNUTILS_PROFILE=quick $(BIN)/python -m pytest -q -m slow tests
 
 nbval: setup
 	TF_CPP_MIN_LOG_LEVEL=2 BNUTILS_PROFILE=quick $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env $(NOTEBOOKS)

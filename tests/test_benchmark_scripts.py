@@ -56,6 +56,7 @@ def test_variants_differ_only_in_their_bn_layers(bench):
         bench.build("ghost", seed=0)
 
 
+@pytest.mark.slow
 def test_a_run_stops_when_it_reaches_the_target(bench, tiny):
     one_class = types.SimpleNamespace(
         x_train=tiny.x_train,
@@ -70,6 +71,7 @@ def test_a_run_stops_when_it_reaches_the_target(bench, tiny):
     assert r["seconds"] == r["train_seconds"][0] > 0
 
 
+@pytest.mark.slow
 def test_a_run_slower_than_the_best_so_far_gives_up(bench, tiny):
     r = bench.time_to_target(
         "fused", 1e-3, tiny, target=0.99, max_epochs=3, batch_size=16, seed=0, give_up_after=0.0
@@ -107,6 +109,7 @@ def test_each_variant_is_scored_at_its_fastest_learning_rate(bench):
     assert rows["keras"]["final test accuracy"] == 0.88
 
 
+@pytest.mark.slow
 def test_time_budget_stops_before_an_epoch_that_would_overrun(tiny):
     best = _load("bench_best_accuracy")
     model = best.builder()
@@ -219,3 +222,30 @@ def test_harness_interleaves_in_rotating_order_and_follows_the_profile(monkeypat
         "--quick",
     ]
     assert harness.save("bench_x", {"rows": []}, []).parent == tmp_path  # the full profile
+
+
+def test_profile_breakdown_sorts_trace_events_by_what_they_compute():
+    """Op names as TensorFlow's profiler writes them for bench_bn_profile's CNN."""
+    prof = _load("bench_bn_profile")
+    head, tape = "StatefulPartitionedCall/cnn_fused_1", "StatefulPartitionedCall/gradient_tape"
+    cases = {
+        f"{head}/block1_conv2_1/convolution:Conv2D": "conv fwd",
+        f"{tape}/cnn_fused_1/block1_conv2_1/convolution/Conv2DBackpropFilter:Conv2DBackpropFilter": (
+            "conv bwd"
+        ),
+        f"{head}/block1_conv1_bn_1/FusedBatchNormV3:FusedBatchNormV3": "BN kernel fwd",
+        f"{tape}/cnn_fused_1/block1_conv1_bn_1/FusedBatchNormGradV3:FusedBatchNormGradV3": (
+            "BN kernel bwd"
+        ),
+        f"{head}/block1_conv1_bn_1/AssignVariableOp_1:AssignVariableOp": "BN other fwd",
+        f"{tape}/cnn_keras_1/block1_conv1_bn_1/batchnorm/mul/Mul:Mul": "BN other bwd",
+        f"{head}/block1_conv1_act_1/Relu:Relu": "ReLU",
+        f"{tape}/cnn_none_1/block1_conv1_1/BiasAdd/BiasAddGrad:BiasAddGrad": "bias add",
+        f"{tape}/cnn_fused_1/block1_pool_1/MaxPool2d/MaxPoolGrad:MaxPoolGrad": "pooling",
+        "StatefulPartitionedCall/sgd/AssignAddVariableOp_12:AssignAddVariableOp": "optimizer",
+        f"{head}/avg_pool_1/Mean:Mean": "other",
+        "ExecutorState::Process": None,
+        "ParallelFor": None,
+    }
+    assert {name: prof.categorize(name) for name in cases} == cases
+    assert set(cases.values()) - {None} <= set(prof.CATEGORIES)

@@ -56,6 +56,7 @@ def test_fashion_mnist_from_debian_without_network(monkeypatch):
     assert ds.class_names[9] == "Ankle boot"
 
 
+@pytest.mark.slow
 @needs_debian
 def test_validation_split_is_seeded_and_disjoint():
     a = load_dataset(validation_size=1000, seed=3)
@@ -171,6 +172,7 @@ def test_mnist_from_keras_cache(tmp_path, monkeypatch):
     assert ds.class_names[3] == "3"
 
 
+@pytest.mark.slow
 def test_cifar10_from_keras_cache(tmp_path, monkeypatch):
     base = (
         tmp_path / "keras_home" / "datasets" / "cifar-10-batches-py-target" / "cifar-10-batches-py"

@@ -206,6 +206,7 @@ def test_bn_step_statistics_checks_its_inputs():
         dist.bn_step_statistics(None, no_bn, x, y, 4, 1)
 
 
+@pytest.mark.slow
 def test_small_batch_experiment_resets_between_seeds():
     import tensorflow as tf
 
@@ -325,6 +326,7 @@ def test_loopback_workers_with_plain_bn_disagree(run_launcher):
     assert "MISMATCH" in output
 
 
+@pytest.mark.slow
 def test_launcher_timeout_ends_every_process(run_launcher):
     rc, output, wall, out = run_launcher("--timeout", "1")
     assert rc == 2, output[-3000:]

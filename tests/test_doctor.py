@@ -71,6 +71,7 @@ def _variables(model):
 # ------------------------------------------------------------------ healthy twins
 
 
+@pytest.mark.slow
 def test_healthy_twins_get_nothing_above_info(fmnist):
     twins = {
         "mlp momentum 0.9": _fit(_mlp(0.9), fmnist, epochs=3),
@@ -92,6 +93,7 @@ def test_healthy_twins_get_nothing_above_info(fmnist):
 # ------------------------------------------------------------------ measured bugs
 
 
+@pytest.mark.slow
 def test_lagging_moving_statistics_and_the_recalibration_fix(fmnist):
     model = _fit(_mlp(0.99), fmnist, epochs=1, lr=1e-2)  # ~30 steps at momentum 0.99
     before = _variables(model)
@@ -127,6 +129,7 @@ def _custom_loop(model, ds, training, steps=40, batch_size=64):
     return model
 
 
+@pytest.mark.slow
 def test_custom_loop_without_training_flag_never_updates_moving_stats(fmnist):
     buggy = _custom_loop(_mlp(0.9), fmnist, training=None)
     report = diagnose_batchnorm(buggy, fmnist.x_val, fmnist.y_val)
@@ -159,6 +162,7 @@ def _toy_model(toy, block):
     return model
 
 
+@pytest.mark.slow
 def test_batch_dependent_inference_is_found_and_located(toy):
     x, y = toy
     forced = _toy_model(toy, _ForcedBN(name="forced"))
@@ -182,6 +186,7 @@ def test_batch_dependent_inference_is_found_and_located(toy):
     assert diagnose_batchnorm(_toy_model(toy, wrapped(None)), x, y).ok
 
 
+@pytest.mark.slow
 def test_training_false_in_a_graph_is_overridden_by_fit(toy):
     x, y = toy
     base = keras.Sequential(
@@ -301,6 +306,7 @@ class SubNet(keras.Model):
         return self.out(keras.ops.relu(h))
 
 
+@pytest.mark.slow
 def test_subclassed_models_get_the_measured_checks(toy):
     x, y = toy
     untrained = SubNet()

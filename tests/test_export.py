@@ -135,6 +135,7 @@ def test_bad_arguments(model, tmp_path):
         load_for_inference(tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_fresh_process_reload(model, x, tmp_path):
     path = export_savedmodel(model, tmp_path / "sm")
     expected = _expected(model, x)

@@ -519,6 +519,7 @@ def test_inserted_model_trains_saves_and_loads(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_compiled_model_stays_compiled():
     model = build_mlp()
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -530,6 +531,7 @@ def test_compiled_model_stays_compiled():
 # ---------------------------------------------------------------- keras.applications
 
 
+@pytest.mark.slow
 def test_mobilenet_v2_already_has_bn():
     model = keras.applications.MobileNetV2(
         input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10
@@ -552,6 +554,7 @@ def test_vgg16_gets_bn_after_every_conv():
     _assert_same_outputs(model, new, _rand(2, 32, 32, 3), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_resnet50_and_efficientnet():
     resnet = keras.applications.ResNet50(input_shape=(64, 64, 3), weights=None, classes=10)
     new, report = insert_batchnorm(resnet, return_report=True)

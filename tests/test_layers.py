@@ -570,6 +570,7 @@ def _load_benchmark():
     return module
 
 
+@pytest.mark.slow
 def test_benchmark_builds_each_variant_and_reports_ratios():
     bench = _load_benchmark()
     expected = {

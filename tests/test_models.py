@@ -135,6 +135,7 @@ def test_resnet_without_norm_and_with_bn_after():
     assert _successor(after, "stage1_block1_act1").name == "stage1_block1_bn1"
 
 
+@pytest.mark.slow
 def test_models_learn_a_separable_problem():
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -227,6 +228,7 @@ def test_cnn_with_bn_factory_has_the_same_layout_as_its_split_twin():
     assert bn.get_layer("predictions").activation.__name__ == "linear"
 
 
+@pytest.mark.slow
 def test_resnet50_variants():
     keras.utils.set_random_seed(0)
     base = build_resnet50(input_shape=(32, 32, 3), num_classes=4)

@@ -46,6 +46,7 @@ def test_private_keras_api_not_in_notebooks_benchmarks_scripts():
     assert not offenders, f"private Keras API outside bnutils/_graph.py: {offenders}"
 
 
+@pytest.mark.slow
 def test_fresh_interpreter_sees_submodules_and_every_public_name():
     code = (
         "import bnutils\n"

@@ -51,6 +51,7 @@ def _reference_stats(model, x, batch_size):
     return [np.concatenate(h1_all), np.concatenate(h2_all)], h2_all
 
 
+@pytest.mark.slow
 def test_recalibration_matches_population_statistics_and_improves_accuracy(fmnist):
     model = _lagging_mlp(fmnist)
     bns = [lay for _, lay in find_batchnorm_layers(model)]
@@ -76,6 +77,7 @@ def test_recalibration_matches_population_statistics_and_improves_accuracy(fmnis
     assert "mean gap" in str(report) and len(report.to_dicts()) == 2
 
 
+@pytest.mark.slow
 def test_variance_modes_pooled_vs_average_of_batch_variances(fmnist):
     model = _lagging_mlp(fmnist)
     bn1, bn2 = model.layers[2], model.layers[5]
@@ -105,6 +107,7 @@ def test_variance_modes_pooled_vs_average_of_batch_variances(fmnist):
     assert np.median(batches[0].mean(1).var(0) / batch_means[0]) > 0.005
 
 
+@pytest.mark.slow
 def test_dataset_and_arrays_agree_and_num_batches_limits(fmnist):
     model = _lagging_mlp(fmnist)
     x, y = fmnist.x_train[:640], fmnist.y_train[:640]
@@ -190,6 +193,7 @@ def test_masked_inputs_use_only_unmasked_positions():
     np.testing.assert_allclose(bn.moving_variance.numpy(), vectors.var(0), rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_inference_statistics_leave_the_model_unchanged(fmnist):
     model = _lagging_mlp(fmnist)
     snapshot = [v.numpy().copy() for v in model.variables]
@@ -203,6 +207,7 @@ def test_inference_statistics_leave_the_model_unchanged(fmnist):
         np.testing.assert_array_equal(v.numpy(), value)
 
 
+@pytest.mark.slow
 def test_bad_arguments_raise_helpful_errors(fmnist):
     model = _lagging_mlp(fmnist)
     x = fmnist.x_train[:64]

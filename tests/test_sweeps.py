@@ -283,6 +283,7 @@ def test_train_trial_maps_parameters(data):
         TrainTrial(data, tiny_mlp)
 
 
+@pytest.mark.slow
 def test_reruns_and_resumed_sweeps_hit_the_run_cache(data, capsys):
     trial = TrainTrial(data, tiny_mlp, epochs=1, batch_size=64, optimizer="sgd")
     grid = {"lr": [0.01, 0.05], "norm": ["batch"]}

@@ -42,6 +42,7 @@ class BatchCounter(keras.callbacks.Callback):
         self.batches += 1
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(data, tmp_path):
     a = train(build_mlp, data, epochs=2, batch_size=64, seed=3, results_dir=tmp_path / "a")
     b = train(build_mlp, data, epochs=2, batch_size=64, seed=3, results_dir=tmp_path / "b")
@@ -55,6 +56,7 @@ def test_same_seed_same_numbers(data, tmp_path):
     assert a.history["loss"] != c.history["loss"], "another seed should give other numbers"
 
 
+@pytest.mark.slow
 def test_second_call_comes_from_cache_and_trains_nothing(data):
     counter = BatchCounter()
     first = train(build_mlp, data, epochs=2, batch_size=64, callbacks=[counter])
@@ -72,6 +74,7 @@ def test_second_call_comes_from_cache_and_trains_nothing(data):
     assert not forced.from_cache and counter.batches == 2 * trained
 
 
+@pytest.mark.slow
 def test_key_changes_with_what_changes_the_run(data, tmp_path):
     base = train(build_mlp, data, epochs=1, batch_size=64, results_dir=tmp_path)
     other_lr = train(build_mlp, data, epochs=1, batch_size=64, lr=0.01, results_dir=tmp_path)
@@ -132,6 +135,7 @@ def test_model_description_ignores_generated_names_not_weights():
     assert cache.describe(first) != cache.describe(second)
 
 
+@pytest.mark.slow
 def test_builder_code_and_closures_do_not_count_only_the_model(data, tmp_path):
     """Two builders written differently that build the same model share one cached run."""
 
@@ -205,6 +209,7 @@ def test_result_round_trip_and_configuration(data):
     assert r.machine["cpu_count"] >= 1 and r.created.endswith("+00:00")
 
 
+@pytest.mark.slow
 def test_tracker_records_survive_the_cache(data):
     t1 = MovingStatsTracker(every=4)
     first = train(lambda: build_mlp(bn=True), data, epochs=1, batch_size=64, callbacks=[t1])
@@ -246,6 +251,7 @@ def _blank_images(x, y):
     return tf.zeros_like(x), y
 
 
+@pytest.mark.slow
 def test_augment_is_applied_to_training_batches_only(data, tmp_path):
     plain = train(build_mlp, data, epochs=1, batch_size=128, results_dir=tmp_path)
     blank = train(
@@ -325,6 +331,7 @@ def test_unseeded_initializer_inside_a_builder_gives_the_same_key_every_time(dat
     assert run_key(builder, data) == run_key(builder, data)
 
 
+@pytest.mark.slow
 def test_unreadable_runs_are_trained_again_and_newer_formats_refused(data, tmp_path):
     first = train(build_mlp, data, epochs=1, batch_size=128, results_dir=tmp_path)
     saved = json.loads(open(first.path).read())

@@ -31,6 +31,7 @@ def tiny_bn_mlp(bn_momentum):
     )
 
 
+@pytest.mark.slow
 def test_keras_tuner_search_finds_best_and_resumes(data, tmp_path):
     models = []
 

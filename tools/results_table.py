@@ -110,6 +110,21 @@ def _render_best_accuracy(d) -> str:
     return out
 
 
+def _render_bn_profile(d) -> str:
+    """Step time and ratio per variant, then op time per category and what BN adds to it."""
+    out = [_render_rows(d)]
+    per, extra = d.get("op_ms_per_step", {}), d.get("op_ms_vs_none", {})
+    if per:
+        rows = []
+        for category in next(iter(per.values())):
+            row = {"op ms per step": category}
+            row.update({v: round(per[v][category], 1) for v in per})
+            row.update({f"{v} - none": round(extra[v][category], 1) for v in extra})
+            rows.append(row)
+        out.append("\n" + make_table(rows).to_markdown() + "\n")
+    return "".join(out)
+
+
 def _render_inference(d) -> str:
     lines = [
         "| mode | batch | unfolded ms | folded ms | no BN ms | folded / no BN "
@@ -157,6 +172,11 @@ _SECTIONS = [
         "bench_bn_layers.json",
         "Training-step cost of BN layers (benchmarks/bench_bn_layers.py)",
         _render_rows,
+    ),
+    (
+        "bench_bn_profile.json",
+        "Where BN's training time goes, per op (benchmarks/bench_bn_profile.py)",
+        _render_bn_profile,
     ),
     (
         "bench_inference.json",

@@ -1,0 +1,217 @@
+"""Where does BN's training time go? A per-op breakdown of a training step, BN vs no-BN twin.
+
+    .venv/bin/python benchmarks/bench_bn_profile.py           # full run (a few minutes)
+    .venv/bin/python benchmarks/bench_bn_profile.py --quick   # under a minute
+
+The CNN of ``bench_bn_layers.py`` (conv 32-32-pool-64-64-pool-128, a separate ``ReLU`` layer
+after every conv or BN in all variants), trained with SGD momentum, batch 128, in three
+variants: ``none`` (convs with bias, no BN), ``keras`` (``keras.layers.BatchNormalization``)
+and ``fused`` (``bnutils.FusedBatchNormalization``). Per repeat and variant, in rotating order:
+
+- the wall time of ``steps`` training steps (one ``fit`` call, no profiler), and
+- a trace of ``steps`` more steps by TensorFlow's profiler; the time of every op event on the
+  compute threads is summed per category (below) and divided by the steps.
+
+The two compute threads run ops concurrently, so a variant's op time exceeds its wall time; the
+difference of op time between a BN variant and ``none`` is what BN adds, category by category.
+Categories: ``conv fwd``/``conv bwd`` (``Conv2D`` and its two backprop ops), ``BN kernel fwd``
+/``BN kernel bwd`` (``FusedBatchNormV3`` and its gradient), ``BN other fwd``/``BN other bwd``
+(every other op in a BN layer's scope: Keras's moments and normalization, the fused layer's
+moving-average update and Bessel correction), ``bias add`` (``BiasAdd``, ``BiasAddGrad``),
+``ReLU`` (``Relu``, ``ReluGrad``), ``pooling``, ``optimizer`` and ``other``. The report records
+the CPU flags and ``TF_ENABLE_ONEDNN_OPTS``; it goes to ``results/bench_bn_profile.json``.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+import _harness
+import bench_bn_layers
+
+VARIANTS = ("none", "keras", "fused")
+SETTINGS = {
+    "full": {"batch_size": 128, "steps": 15, "repeats": 3},
+    "quick": {"batch_size": 128, "steps": 3, "repeats": 1},
+}
+CATEGORIES = (
+    "conv fwd",
+    "conv bwd",
+    "BN kernel fwd",
+    "BN kernel bwd",
+    "BN other fwd",
+    "BN other bwd",
+    "bias add",
+    "ReLU",
+    "pooling",
+    "optimizer",
+    "other",
+)
+_OP = re.compile(r"^(?P<scope>[^:]*/[^:]*):(?P<type>[A-Za-z0-9_]+)$")
+
+
+def categorize(name: str) -> str | None:
+    """The category of a profiler event ``"scope/of/op:OpType"``; ``None`` if not an op."""
+    m = _OP.match(name)
+    if m is None:
+        return None
+    scope, op = m["scope"], m["type"]
+    backward = "/gradient_tape/" in f"/{scope}/"
+    if op in ("FusedBatchNormV3", "FusedBatchNormGradV3"):
+        return "BN kernel bwd" if op.endswith("GradV3") else "BN kernel fwd"
+    if re.search(r"_bn(_\d+)?/", f"{scope}/"):
+        return "BN other bwd" if backward else "BN other fwd"
+    if re.search(r"/(sgd|adam)(_\d+)?/", f"/{scope.lower()}/"):
+        return "optimizer"
+    if op in ("Conv2D", "_FusedConv2D"):
+        return "conv fwd"
+    if op.startswith("Conv2DBackprop"):
+        return "conv bwd"
+    if op in ("BiasAdd", "BiasAddGrad"):
+        return "bias add"
+    if op in ("Relu", "ReluGrad"):
+        return "ReLU"
+    if op.startswith(("MaxPool", "AvgPool")):
+        return "pooling"
+    return "other"
+
+
+def op_times(logdir: str) -> dict[str, float]:
+    """Milliseconds of op time per category in the trace under ``logdir`` (compute threads)."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    files = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        raise RuntimeError(f"The profiler wrote no trace under {logdir}.")
+    totals = collections.Counter()
+    for path in files:
+        space = xplane_pb2.XSpace()
+        with open(path, "rb") as f:
+            space.ParseFromString(f.read())
+        for plane in space.planes:
+            for line in plane.lines:
+                if not line.name.startswith("tf_Compute"):
+                    continue
+                for event in line.events:
+                    category = categorize(plane.event_metadata[event.metadata_id].name)
+                    if category is not None:
+                        totals[category] += event.duration_ps / 1e9
+    return {c: totals.get(c, 0.0) for c in CATEGORIES}
+
+
+def run(quick: bool = False, repeats: int | None = None) -> dict:
+    """Run the benchmark and return its report (see the module docstring)."""
+    import keras
+    import tensorflow as tf
+
+    cfg = dict(SETTINGS[_harness.profile(quick).name])
+    if repeats is not None:
+        cfg["repeats"] = repeats
+    batch, steps = cfg["batch_size"], cfg["steps"]
+    x, y = bench_bn_layers._images(batch * steps)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).cache()
+    models = {}
+    for variant in VARIANTS:
+        keras.utils.set_random_seed(0)
+        model = bench_bn_layers.build_cnn(variant)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=False,
+        )
+        model.fit(data.take(2), epochs=1, verbose=0)  # trace and warm up
+        models[variant] = model
+
+    wall = {v: [] for v in VARIANTS}
+    ops = {v: [] for v in VARIANTS}
+    for r in range(cfg["repeats"]):
+        for variant in _harness.rotated(list(VARIANTS), r):
+            model = models[variant]
+            start = time.perf_counter()
+            model.fit(data, epochs=1, verbose=0)
+            wall[variant].append((time.perf_counter() - start) / steps * 1e3)
+            with tempfile.TemporaryDirectory() as logdir:
+                tf.profiler.experimental.start(logdir)
+                try:
+                    model.fit(data, epochs=1, verbose=0)
+                finally:
+                    tf.profiler.experimental.stop()
+                ops[variant].append({c: t / steps for c, t in op_times(logdir).items()})
+        _harness.log(
+            f"repeat {r + 1}/{cfg['repeats']}: step ms "
+            + ", ".join(f"{v} {wall[v][-1]:.1f}" for v in VARIANTS)
+        )
+
+    breakdown = {
+        v: {c: statistics.median(rep[c] for rep in ops[v]) for c in CATEGORIES} for v in VARIANTS
+    }
+    rows = []
+    for v in VARIANTS:
+        total = sum(breakdown[v].values())
+        rows.append(
+            {
+                "variant": v,
+                "step ms (median)": statistics.median(wall[v]),
+                "step vs none": _harness.paired_ratio(wall, v, "none"),
+                "op ms per step": total,
+                "op ms vs none": total - sum(breakdown["none"].values()),
+            }
+        )
+    extra = {
+        v: {c: breakdown[v][c] - breakdown["none"][c] for c in CATEGORIES}
+        for v in VARIANTS
+        if v != "none"
+    }
+    return {
+        "settings": {**cfg, "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")},
+        "rows": rows,
+        "op_ms_per_step": breakdown,
+        "op_ms_vs_none": extra,
+        "step_ms": wall,
+        "notes": [
+            "Op times are sums over the two compute threads, which overlap; compare them "
+            "between variants, not with the wall time. Step ratios are medians of per-repeat "
+            "ratios of interleaved, unprofiled fit calls.",
+        ],
+    }
+
+
+def _print_report(report: dict) -> None:
+    from bnutils._util import cpu_flags
+
+    _harness.log(
+        f"\nCPU flags: {' '.join(cpu_flags()) or 'none read'}; TF_ENABLE_ONEDNN_OPTS="
+        f"{report['settings']['TF_ENABLE_ONEDNN_OPTS']}"
+    )
+    for row in report["rows"]:
+        _harness.log(
+            f"{row['variant']:<6} step {row['step ms (median)']:7.1f} ms "
+            f"({row['step vs none']:.3f}x none); op time {row['op ms per step']:7.1f} ms/step"
+        )
+    _harness.log(f"\n{'op ms per step':<14}" + "".join(f"{v:>9}" for v in VARIANTS) + "  (extra)")
+    for c in CATEGORIES:
+        values = [report["op_ms_per_step"][v][c] for v in VARIANTS]
+        extra = " ".join(f"{report['op_ms_vs_none'][v][c]:+7.1f}" for v in report["op_ms_vs_none"])
+        _harness.log(f"{c:<14}" + "".join(f"{t:9.1f}" for t in values) + f"  {extra}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _harness.parser(__doc__)
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats")
+    args = parser.parse_args(argv)
+    report = run(quick=args.quick, repeats=args.repeats)
+    _print_report(report)
+    _harness.save("bench_bn_profile", report, argv, args.quick, args.output)
+    return report
+
+
+if __name__ == "__main__":
+    main()
