@@ -6,11 +6,11 @@
 The CNN of ``bench_bn_layers.py`` (conv 32-32-pool-64-64-pool-128, a separate ``ReLU`` layer
 after every conv or BN in all variants), trained with SGD momentum, batch 128, in three
 variants: ``none`` (convs with bias, no BN), ``keras`` (``keras.layers.BatchNormalization``)
-and ``fused`` (``bnutils.FusedBatchNormalization``). Per repeat and variant, in rotating order:
-
-- the wall time of ``steps`` training steps (one ``fit`` call, no profiler), and
-- a trace of ``steps`` more steps by TensorFlow's profiler; the time of every op event on the
-  compute threads is summed per category (below) and divided by the steps.
+and ``fused`` (``bnutils.FusedBatchNormalization``). First the wall time of
+``steps`` training steps (one ``fit`` call) per variant, interleaved in rotating order over the
+repeats, before any profiling; then, per repeat and variant, a trace of ``steps`` more steps by
+TensorFlow's profiler, whose op events on the compute threads are summed per category (below)
+and divided by the steps.
 
 The two compute threads run ops concurrently, so a variant's op time exceeds its wall time; the
 difference of op time between a BN variant and ``none`` is what BN adds, category by category.
@@ -31,7 +31,6 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 
 import _harness
 import bench_bn_layers
@@ -129,25 +128,25 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
         model.fit(data.take(2), epochs=1, verbose=0)  # trace and warm up
         models[variant] = model
 
-    wall = {v: [] for v in VARIANTS}
+    # Wall times first, all of them before the profiler ever starts: in this session's runs, fit
+    # calls timed right after a profiled one often took 5.11 s or 10.23 s for 15 steps, any variant.
+    fits = {v: (lambda m=models[v]: m.fit(data, epochs=1, verbose=0)) for v in VARIANTS}
+    wall = {
+        v: [t / steps * 1e3 for t in times]
+        for v, times in _harness.interleaved(fits, repeats=cfg["repeats"])["wall"].items()
+    }
+    _harness.log("step ms " + ", ".join(f"{v} {statistics.median(wall[v]):.1f}" for v in VARIANTS))
     ops = {v: [] for v in VARIANTS}
     for r in range(cfg["repeats"]):
         for variant in _harness.rotated(list(VARIANTS), r):
-            model = models[variant]
-            start = time.perf_counter()
-            model.fit(data, epochs=1, verbose=0)
-            wall[variant].append((time.perf_counter() - start) / steps * 1e3)
             with tempfile.TemporaryDirectory() as logdir:
                 tf.profiler.experimental.start(logdir)
                 try:
-                    model.fit(data, epochs=1, verbose=0)
+                    models[variant].fit(data, epochs=1, verbose=0)
                 finally:
                     tf.profiler.experimental.stop()
                 ops[variant].append({c: t / steps for c, t in op_times(logdir).items()})
-        _harness.log(
-            f"repeat {r + 1}/{cfg['repeats']}: step ms "
-            + ", ".join(f"{v} {wall[v][-1]:.1f}" for v in VARIANTS)
-        )
+        _harness.log(f"profiled repeat {r + 1}/{cfg['repeats']}")
 
     breakdown = {
         v: {c: statistics.median(rep[c] for rep in ops[v]) for c in CATEGORIES} for v in VARIANTS
