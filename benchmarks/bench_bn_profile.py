@@ -128,8 +128,9 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
         model.fit(data.take(2), epochs=1, verbose=0)  # trace and warm up
         models[variant] = model
 
-    # Wall times first, all of them before the profiler ever starts: in this session's runs, fit
-    # calls timed right after a profiled one often took 5.11 s or 10.23 s for 15 steps, any variant.
+    # Wall times first, before the profiler ever starts, so that none of its work is timed.
+    # On the machine of 2026-12-02 many 15-step fit calls took 5.11 s or 10.23 s to the
+    # millisecond, in any variant and with or without profiling before: read the repeats.
     fits = {v: (lambda m=models[v]: m.fit(data, epochs=1, verbose=0)) for v in VARIANTS}
     wall = {
         v: [t / steps * 1e3 for t in times]
