@@ -193,7 +193,8 @@ def _print_report(report: dict) -> None:
     for row in report["rows"]:
         _harness.log(
             f"{row['variant']:<6} step {row['step ms (median)']:7.1f} ms "
-            f"({row['step vs none']:.3f}x none); op time {row['op ms per step']:7.1f} ms/step"
+            f"({row['step vs none']:.3f}x none); op time {row['op ms per step']:7.1f} ms/step; "
+            "repeats " + " ".join(f"{t:.1f}" for t in report["step_ms"][row["variant"]])
         )
     _harness.log(f"\n{'op ms per step':<14}" + "".join(f"{v:>9}" for v in VARIANTS) + "  (extra)")
     for c in CATEGORIES:
