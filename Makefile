@@ -10,9 +10,11 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9A-Z]*.ipynb)) $(sort $(wildcard not
 
 .PHONY: run test setup data lint unit unit-slow nbval results benchmarks format
 
-## make run: set up, then execute every notebook in place (profile: $BNUTILS_PROFILE, default full)
+## make run: set up, then execute every notebook in place (profile: $BNUTILS_PROFILE, default full),
+## reading training runs from their committed records; `make run FRESH=1` retrains them all
+## (stopped and started again, it resumes). Progress: results/logs/run.log
 run: setup
-	$(BIN)/python tools/notebooks.py run
+	$(BIN)/python tools/notebooks.py run $(if $(FRESH),--fresh)
 
 ## make test: set up, then lint, fast unit tests, notebooks under nbval (quick profile);
 ## the slow unit tests (marked `slow`: real models, subprocesses, training) run with `make unit-slow`

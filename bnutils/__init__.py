@@ -34,7 +34,6 @@ from bnutils import (  # submodules are attributes: `bnutils.config` just works
 from bnutils._graph import find_batchnorm_layers, walk_layers
 from bnutils.callbacks import (
     ActivationPercentiles,
-    GradientNormTracker,
     MovingStatsTracker,
     Tracker,
 )
@@ -62,7 +61,6 @@ from bnutils.models import build_cnn, build_mlp, build_resnet
 from bnutils.plots import (
     plot_comparison,
     plot_confusion_matrix,
-    plot_gradient_norms,
     plot_learning_curves,
     plot_moving_stats,
     plot_percentiles,

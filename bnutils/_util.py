@@ -31,7 +31,9 @@ __all__ = [
     "digest",
     "env_info",
     "json_safe",
+    "log_line",
     "preserved_state",
+    "Progress",
     "slug",
 ]
 
@@ -165,6 +167,63 @@ def env_info() -> dict:
     }
     date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return {"date": date, "machine": machine, "versions": versions}
+
+
+# ---------------------------------------------------------------- job progress
+
+LOG_ENV = "BNUTILS_LOG"  # the job log: `make run` points it at results/logs/run.log
+
+
+def log_line(line: str, echo: bool = False) -> None:
+    """Append ``line`` to the job log ``$BNUTILS_LOG`` (when set), and print it to stderr with
+    ``echo``. Long jobs write one such line per finished run, so that a log says how far a job
+    got when it was stopped."""
+    if path := os.environ.get(LOG_ENV):
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%H:%M:%S")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(f"{stamp} {line}\n")
+    if echo:
+        print(line, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """The progress line of each finished run of a job of ``total`` runs: its index of the
+    total, its name, its time and an estimate of the time left (from the runs trained so far;
+    a run read from its record takes no time)."""
+
+    def __init__(self, total: int, job: str, echo: bool = False):
+        self.total = check_positive_int("total", total)
+        self.job = job
+        self.echo = echo
+        self.index = 0
+        self.trained_seconds: list[float] = []
+
+    def done(self, name: str, seconds: float, from_record: bool = False) -> str:
+        """Count one finished run, write its line (see :func:`log_line`) and return it."""
+        self.index += 1
+        if not from_record:
+            self.trained_seconds.append(float(seconds))
+        left = self.total - self.index
+        if left == 0:
+            eta = "done"
+        elif self.trained_seconds:
+            eta = f"about {_duration(left * float(np.mean(self.trained_seconds)))} left"
+        else:
+            eta = f"{left} to go"
+        how = "from its record" if from_record else f"trained in {_duration(seconds)}"
+        line = f"[{self.index}/{self.total}] {self.job}: {name}, {how}; {eta}"
+        log_line(line, echo=self.echo)
+        return line
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 # ---------------------------------------------------------------- argument checks

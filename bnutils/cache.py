@@ -15,6 +15,7 @@ run. Changes the key cannot see (e.g. the code of a plain-function ``augment``) 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import hashlib
 import inspect
@@ -153,11 +154,13 @@ def lookup(
     key: str,
     load: Callable[[Path], Any],
     model_path: str | os.PathLike | None = None,
+    since: datetime.datetime | None = None,
 ):
     """The cached result of run ``key`` in ``directory`` read by ``load(path)``, or ``None``.
 
     ``load`` is ``bnutils.training.load_result``. An unreadable file (``load`` raises
-    ``ValueError``) is warned about and ignored. With ``model_path`` the run's saved model is
+    ``ValueError``) is warned about and ignored, and so is a record created before ``since``
+    (see :func:`bnutils.config.refresh_since`). With ``model_path`` the run's saved model is
     loaded into ``.model`` as well (``None`` when it is missing: the run must be redone).
     """
     path = Path(directory) / f"{key}.json"
@@ -170,6 +173,8 @@ def lookup(
             f"Ignoring the unreadable cached run {path} ({e}); training it again.", stacklevel=3
         )
         return None
+    if since is not None and _created(result) < since:
+        return None  # recorded before the refresh: train it again
     if model_path is not None:
         if not (result.model_path and Path(result.model_path).is_file()):
             if not Path(model_path).is_file():
@@ -177,6 +182,14 @@ def lookup(
             result.model_path = str(model_path)
         result.load_model()
     return result
+
+
+def _created(result: Any) -> datetime.datetime:
+    try:
+        when = datetime.datetime.fromisoformat(getattr(result, "created", "") or "")
+    except ValueError:
+        return datetime.datetime.min.replace(tzinfo=datetime.UTC)  # no time: older than any
+    return when if when.tzinfo else when.replace(tzinfo=datetime.UTC)
 
 
 def store(result: Any, directory: str | os.PathLike) -> Path:

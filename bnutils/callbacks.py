@@ -1,8 +1,7 @@
 """Trackers: Keras callbacks that record what happens inside a network while it trains.
 
 :class:`ActivationPercentiles` (Ioffe & Szegedy 2015, Figure 1b, c: percentiles of a sigmoid's
-input), :class:`MovingStatsTracker` (BN moving statistics), :class:`GradientNormTracker`
-(per-layer gradient norms). Each records at step 0 and every ``every`` steps, into plain lists
+input) and :class:`MovingStatsTracker` (BN moving statistics). Each records at step 0 and every ``every`` steps, into plain lists
 that :func:`bnutils.training.train` saves with the run and restores on a cache hit. Trackers
 never change the model: forward passes go through ``Model.stateless_call``. Used in notebook 04.
 """
@@ -15,11 +14,11 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from bnutils._graph import ends_in_softmax, walk_layers
+from bnutils._graph import walk_layers
 from bnutils._util import check_positive_int
 from bnutils.cache import describe
 
-__all__ = ["ActivationPercentiles", "GradientNormTracker", "MovingStatsTracker", "Tracker"]
+__all__ = ["ActivationPercentiles", "MovingStatsTracker", "Tracker"]
 
 
 class Tracker(keras.callbacks.Callback):
@@ -264,67 +263,3 @@ class MovingStatsTracker(Tracker):
             for key, values in (("mean", mean), ("variance", var)):
                 self.stats[lyr.name][key].append(float(values.mean()))
                 self.stats[lyr.name][f"{key}_channels"].append([float(values[c]) for c in chans])
-
-
-class GradientNormTracker(Tracker):
-    """Per-layer gradient norms of the loss on a fixed batch.
-
-    The gradient is taken in training mode (BN uses the batch's statistics) through
-    ``stateless_call``, so the moving statistics and the optimizer are untouched. The norm of a
-    layer is the L2 norm of the gradients of all its trainable weights together.
-
-    Args:
-        x: the fixed inputs; ``y``: their integer labels.
-        loss: a Keras loss (name, function or object); default: the model's compiled loss, or
-            sparse categorical cross-entropy (from logits unless the model ends in a softmax).
-        every, name: as for :class:`Tracker`.
-
-    Attributes:
-        steps: the steps recorded; ``norms``: ``{layer path: [norm per step]}`` and ``"total"``.
-
-    Raises:
-        ValueError: ``x`` and ``y`` lengths differ.
-    """
-
-    _settings = ("loss", "x", "y")
-    _records = ("norms",)
-
-    def __init__(self, x, y, every: int = 50, loss=None, name: str | None = None):
-        super().__init__(every=every, name=name)
-        self.x, self.y = np.asarray(x, dtype="float32"), np.asarray(y)
-        if len(self.x) != len(self.y):
-            raise ValueError(
-                f"GradientNormTracker: x has {len(self.x)} examples but y has {len(self.y)}; "
-                "expected equal lengths."
-            )
-        self.loss = loss
-        self.norms: dict[str, list[float]] = {}
-
-    def _prepare(self) -> None:
-        loss = self.loss if self.loss is not None else getattr(self.model, "loss", None)
-        if loss is None:
-            from_logits = not ends_in_softmax(self.model)
-            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
-        self._loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
-        prefix = self.model.name + "/"
-        self._groups = [
-            v.path.removeprefix(prefix).rsplit("/", 1)[0] for v in self.model.trainable_variables
-        ]
-
-    def record(self, step: int) -> None:
-        import tensorflow as tf
-
-        model = self.model
-        trainable = [tf.convert_to_tensor(v.value) for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
-        with tf.GradientTape() as tape:
-            tape.watch(trainable)
-            out, _ = model.stateless_call(trainable, non_trainable, self.x, training=True)
-            loss = keras.ops.mean(self._loss_fn(self.y, out))
-        squares: dict[str, float] = {}
-        for group, g in zip(self._groups, tape.gradient(loss, trainable), strict=True):
-            value = 0.0 if g is None else float(tf.reduce_sum(tf.square(tf.cast(g, "float64"))))
-            squares[group] = squares.get(group, 0.0) + value
-        squares["total"] = sum(squares.values())
-        for group, sq in squares.items():
-            self.norms.setdefault(group, []).append(float(np.sqrt(sq)))

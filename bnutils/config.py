@@ -8,20 +8,24 @@ size from :func:`get_profile` and never hard-code them.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 from pathlib import Path
 
 __all__ = [
     "PROFILE_ENV",
     "PROFILES",
+    "REFRESH_ENV",
     "Profile",
     "figures_dir",
     "get_profile",
+    "refresh_since",
     "repo_root",
     "results_dir",
 ]
 
 PROFILE_ENV = "BNUTILS_PROFILE"
+REFRESH_ENV = "BNUTILS_REFRESH_SINCE"  # retrain runs recorded before this time (ISO 8601)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +92,30 @@ def get_profile(name: str | None = None) -> Profile:
             f"{PROFILE_ENV}=full for the real experiment."
         )
     return PROFILES[key]
+
+
+def refresh_since() -> datetime.datetime | None:
+    """The time set by ``$BNUTILS_REFRESH_SINCE`` (ISO 8601, UTC if no zone is given): run records
+    written before it are ignored and their runs trained again; ``None`` when it is not set.
+
+    ``make run FRESH=1`` sets it to the time its retrain-everything job started, and keeps that
+    time until the job finishes, so that a stopped job resumes: the runs it already retrained
+    were recorded after that time and are read back.
+
+    Raises:
+        ValueError: the variable is set but is not an ISO 8601 time.
+    """
+    text = os.environ.get(REFRESH_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError as e:
+        raise ValueError(
+            f"{REFRESH_ENV}={text!r} is not an ISO 8601 time; expected for example "
+            f"{REFRESH_ENV}=2026-12-03T19:00:00+00:00, or unset it to read every run record."
+        ) from e
+    return when if when.tzinfo else when.replace(tzinfo=datetime.UTC)
 
 
 def _is_quick() -> bool:

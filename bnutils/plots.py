@@ -24,7 +24,6 @@ from bnutils.stats import Summary, summarize
 __all__ = [
     "plot_comparison",
     "plot_confusion_matrix",
-    "plot_gradient_norms",
     "plot_learning_curves",
     "plot_moving_stats",
     "plot_percentiles",
@@ -289,28 +288,4 @@ def plot_moving_stats(tracker, name: str | None = None, title: str | None = None
         ax.set(xlabel="training step", ylabel=f"{what} (mean over channels)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
-    return _finish(axes, name, title)
-
-
-def plot_gradient_norms(
-    trackers: Mapping[str, Any], name: str | None = None, title: str | None = None
-):
-    """Per-layer gradient norms over training (log scale), one panel per tracker.
-
-    Args:
-        trackers: ``{label: GradientNormTracker}`` (or its ``to_dict()``).
-        name: save the figure through :func:`save` under this name.
-        title: figure title.
-    """
-    if not trackers:
-        raise ValueError("plot_gradient_norms needs at least one tracker, received none.")
-    axes = _subplots(ncols=len(trackers), width=4.5, sharey=True)
-    for ax, (label, tracker) in zip(axes, trackers.items(), strict=True):
-        steps = _get(tracker, "steps")
-        for layer, values in _get(tracker, "norms").items():
-            ax.plot(steps, values, label=layer, linewidth=2 if layer == "total" else 1)
-        ax.set(yscale="log", title=label, xlabel="training step")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("gradient norm")
-    axes[0].legend(fontsize="x-small")
     return _finish(axes, name, title)

@@ -8,13 +8,14 @@ import itertools
 import json
 import math
 import numbers
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from bnutils import config
-from bnutils._util import atomic_write_json, check_positive_int, json_safe, slug
+from bnutils._util import Progress, atomic_write_json, check_positive_int, json_safe, slug
 from bnutils.results import make_table
 from bnutils.training import train
 
@@ -107,7 +108,8 @@ class TrainTrial:
     arguments, ``epochs`` required); ``bn_momentum``, ``renorm``, ``bn_epsilon`` go to the
     builder's ``bn_kwargs`` (dropped unless ``norm`` is ``"batch"``); ``init_scale`` makes
     ``init_config(init_scale)`` kernels; ``variant`` picks from ``variants``; other keys, like
-    ``builder_kwargs``, are builder arguments. ``evaluate(model, result, params)`` adds metrics.
+    ``builder_kwargs``, are builder arguments. ``measure(model, data) -> dict`` adds metrics,
+    computed inside the run and saved in its record (``train``'s ``measure``).
     """
 
     def __init__(
@@ -116,7 +118,7 @@ class TrainTrial:
         builder: Callable[..., Any],
         builder_kwargs: Mapping[str, Any] | None = None,
         variants: Mapping[str, Mapping[str, Any]] | None = None,
-        evaluate: Callable[[Any, Any, dict], Mapping] | None = None,
+        measure: Callable[[Any, Any], dict] | None = None,
         **fit: Any,
     ):
         if not callable(builder) or "epochs" not in fit:
@@ -124,7 +126,10 @@ class TrainTrial:
                 "Expected TrainTrial(data, builder, epochs=..., **train_kwargs) with a callable "
                 f"builder, received builder={builder!r} and train arguments {sorted(fit)}."
             )
-        self.data, self.builder, self.evaluate, self.fit = data, builder, evaluate, fit
+        self.data = data
+        self.builder = builder
+        self.measure = measure
+        self.fit = fit
         self.builder_kwargs = dict(builder_kwargs or {})
         self.variants = {str(k): dict(v) for k, v in (variants or {}).items()}
 
@@ -151,13 +156,12 @@ class TrainTrial:
 
     def __call__(self, params: dict, seed: int) -> dict:
         build, fit = self.split(params)
-        name, save = getattr(self.builder, "__name__", None), bool(self.evaluate)
+        name = getattr(self.builder, "__name__", None)
         builder = functools.partial(self.builder, **build)
-        result = train(builder, self.data, seed=seed, run_name=name, save_model=save, **fit)
-        metrics = _train_metrics(result)
-        if self.evaluate is not None and not result.diverged:
-            metrics.update(self.evaluate(result.model, result, dict(params)))
-        return metrics
+        if self.measure is not None:
+            fit["measure"] = self.measure
+        result = train(builder, self.data, seed=seed, run_name=name, **fit)
+        return {**_train_metrics(result), **result.measured}
 
 
 def _sweep_path(name: str, create: bool = True):
@@ -188,12 +192,14 @@ def run_sweep(
         raise ValueError(f"`seeds` must be a count or distinct seeds, received {seeds}.")
     points = [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
     trials = []
-    for i, (params, seed) in enumerate(itertools.product(points, seeds), 1):
+    progress = Progress(len(points) * len(seeds), f"sweep {name}", echo=verbose)
+    for params, seed in itertools.product(points, seeds):
+        start = time.perf_counter()
         trials.append(t := _record(trial_fn, params, seed))
-        if verbose:
-            score = t["metrics"].get("val_accuracy", math.nan)
-            state = "DIVERGED" if t["diverged"] else f"{score:.4f}" + " (cached)" * t["from_cache"]
-            print(f"  [{i}/{len(points) * len(seeds)}] {params} seed={seed}: {state}")
+        score = t["metrics"].get("val_accuracy", math.nan)
+        state = "DIVERGED" if t["diverged"] else f"val. accuracy {score:.4f}"
+        label = f"{json.dumps(params)} seed {seed} ({state})"
+        progress.done(label, time.perf_counter() - start, from_record=t["from_cache"])
     cached = sum(t["from_cache"] for t in trials)
     result = SweepResult(name, grid, seeds, trials, len(trials) - cached, cached)
     result.path = str(atomic_write_json(_sweep_path(name), dataclasses.asdict(result)))

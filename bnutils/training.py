@@ -23,7 +23,7 @@ import numpy as np
 from bnutils import cache
 from bnutils import config as _config
 from bnutils._graph import ends_in_softmax
-from bnutils._util import atomic_path, check_positive_int, env_info, json_safe
+from bnutils._util import atomic_path, check_positive_int, env_info, json_safe, log_line
 from bnutils.cache import FORMAT_VERSION
 from bnutils.callbacks import Tracker
 from bnutils.data import make_tf_dataset
@@ -38,6 +38,15 @@ _OPTIMIZERS = {
     "adam": ("Adam", {}, 1e-3),
 }
 _CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")  # history key: no train_
+# Callbacks that only watch or write files: they do not change a run, so they are not in its key
+# (a TensorBoard log folder is a path of one machine: in the key, no other clone would hit it).
+_OBSERVERS = (
+    keras.callbacks.BackupAndRestore,
+    keras.callbacks.CSVLogger,
+    keras.callbacks.ModelCheckpoint,
+    keras.callbacks.ProgbarLogger,
+    keras.callbacks.TensorBoard,
+)
 
 
 @dataclasses.dataclass
@@ -47,9 +56,11 @@ class TrainResult:
     ``config`` holds the model's name and size, the optimizer and its config, lr, loss, batch
     size, epochs, dataset name and sizes, profile and the ``user`` config; ``history`` every
     per-epoch metric Keras logged, and ``train_loss`` ... ``val_accuracy`` the four main
-    curves; ``versions``, ``machine`` and ``created`` come from :func:`bnutils._util.env_info`.
+    curves; ``measured`` what ``train``'s ``measure`` computed from the trained model (test
+    accuracy, a confusion matrix, ...), so that the record answers without the weights;
+    ``versions``, ``machine`` and ``created`` come from :func:`bnutils._util.env_info`.
     ``from_cache`` (nothing was trained), ``model`` (the trained model, or the saved one with
-    ``save_model``) and ``path`` (the JSON file) are not saved.
+    ``save_model``), ``model_path`` and ``path`` (the JSON file) are not saved.
     """
 
     run_name: str
@@ -70,14 +81,15 @@ class TrainResult:
     versions: dict = dataclasses.field(default_factory=dict)
     machine: dict = dataclasses.field(default_factory=dict)
     trackers: list = dataclasses.field(default_factory=list)
+    measured: dict = dataclasses.field(default_factory=dict)
     created: str = ""
-    model_path: str | None = None
     format_version: int = FORMAT_VERSION
     from_cache: bool = dataclasses.field(default=False, compare=False)
     model: Any = dataclasses.field(default=None, repr=False, compare=False)
+    model_path: str | None = dataclasses.field(default=None, compare=False)
     path: str | None = dataclasses.field(default=None, compare=False)
 
-    _NOT_SAVED = ("from_cache", "model", "path")
+    _NOT_SAVED = ("from_cache", "model", "model_path", "path")
 
     @property
     def epochs_run(self) -> int:
@@ -290,6 +302,7 @@ def train(
     callbacks: Sequence[Any] = (),
     verbose: int | None = None,
     augment: Callable | Any = None,
+    measure: Callable[[Any, Any], Any] | None = None,
     save_model: bool = False,
 ) -> TrainResult:
     """Train (or load the finished run of) one model on one dataset with one seed.
@@ -307,15 +320,22 @@ def train(
         results_dir: the run cache (default ``results/runs``; models in ``results/models``).
         run_name: readable prefix of the result file (default: the model's name).
         config: extra settings recorded with the run and part of its cache key.
-        force: train even if this run is cached.
+        force: train even if this run is cached (``$BNUTILS_REFRESH_SINCE`` retrains the runs
+            recorded before a time: :func:`bnutils.config.refresh_since`).
         callbacks: extra Keras callbacks; :class:`bnutils.callbacks.Tracker` records are
             saved and restored on a cache hit, other callbacks count in the key by their
-            constructor arguments (see :func:`bnutils.cache.describe`).
+            constructor arguments (see :func:`bnutils.cache.describe`), except those that only
+            watch (``TensorBoard``, ``CSVLogger``, ``ModelCheckpoint``, ...).
         verbose: Keras verbosity (``None``: :func:`resolve_verbose`).
         augment: a Keras layer applied to training batches, or a function ``(x, y) -> (x, y)``
             mapped over them (a module-level function counts in the key by its name; a lambda
             is refused).
-        save_model: also save the model as ``<key>.keras``; a cache hit loads it.
+        measure: a function ``(model, data) -> dict`` of JSON values, called on the trained
+            model (unless the run diverged); its result is saved as ``measured``, so that a
+            run read from its record needs no weights. It counts in the key by its name, like
+            ``augment``: after changing its code, pass ``force=True`` or a new ``run_name``.
+        save_model: also save the model as ``<key>.keras``; a cache hit loads it. Models are
+            not committed: a fresh clone that needs one trains the run again.
 
     Returns:
         A :class:`TrainResult`; ``from_cache`` tells whether anything was trained.
@@ -339,17 +359,21 @@ def train(
     model = _build_and_compile(model_or_builder, optimizer, lr)
     opt, metrics = model.optimizer, (model.get_compile_config() or {}).get("metrics")
     run = dict(epochs=epochs, batch_size=batch_size, seed=seed, augment=augment, config=config)
-    compiled = dict(optimizer=opt, loss=model.loss, metrics=metrics, callbacks=callbacks)
+    if measure is not None:
+        run["measure"] = measure
+    keyed = [cb for cb in callbacks if not isinstance(cb, _OBSERVERS)]
+    compiled = dict(optimizer=opt, loss=model.loss, metrics=metrics, callbacks=keyed)
     key = cache.run_key(model, data, run_name or model.name, **compiled, **run)
     model_path = models_dir / f"{key}.keras"
-    cached = (
-        None
-        if force
-        else cache.lookup(runs_dir, key, load_result, model_path if save_model else None)
-    )
+    cached = None
+    if not force:
+        saved_model = model_path if save_model else None
+        since = _config.refresh_since()
+        cached = cache.lookup(runs_dir, key, load_result, saved_model, since=since)
     if cached is not None:
         for tracker, saved in zip(trackers, cached.trackers, strict=False):
             tracker.load_dict(saved)
+        log_line(f"run {key}: from its record")
         return cached
 
     train_ds = make_tf_dataset(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed)
@@ -378,14 +402,27 @@ def train(
     saved = dict(steps_per_epoch=per_epoch, diverged=bool(message), divergence_message=message)
     saved.update(versions=env["versions"], machine=env["machine"], created=env["date"])
     saved.update(trackers=[t.to_dict() for t in trackers], **curves, **recorder.timing)
-    result = TrainResult(key.rsplit("-", 1)[0], key, seed, record, history, **saved)
-    if save_model:
+    if save_model:  # before `measure`, which may change the model (e.g. precise BN)
         with atomic_path(model_path) as tmp:
             model.save(tmp)
-        result.model_path = str(model_path)
+    if measure is not None and not message:
+        saved["measured"] = _measure(measure, model, data)
+    result = TrainResult(key.rsplit("-", 1)[0], key, seed, record, history, **saved)
+    result.model_path = str(model_path) if save_model else None
     cache.store(result, runs_dir)
     result.model = model
+    log_line(f"run {key}: trained in {result.total_time:.1f} s")
     return result
+
+
+def _measure(measure, model, data) -> dict:
+    out = measure(model, data)
+    if not isinstance(out, dict):
+        raise TypeError(
+            f"`measure` must return a dict of JSON values (e.g. {{'test_accuracy': 0.9}}), "
+            f"received {type(out).__name__} from {measure!r}."
+        )
+    return json_safe(out)
 
 
 def _lr_value(optimizer):

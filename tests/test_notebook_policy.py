@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import nbformat
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,3 +87,70 @@ def test_runner_drops_tensorflow_log_lines_and_machine_paths():
     nb.cells.append(cell)
     tool._drop_log_noise(nb)
     assert [o["text"] for o in cell.outputs] == ["wrote results/tuning_summary.json\n"]
+
+
+@pytest.mark.slow
+def test_runner_records_provenance_and_the_check_sees_every_edit(tmp_path, monkeypatch, capsys):
+    """A notebook executed by the runner passes the check; a copy with one code cell edited, or
+    with one output edited, or with a cell added, fails it."""
+    tool = _tool()
+    monkeypatch.setenv("BNUTILS_PROFILE", "full")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("# A tiny notebook"),
+        nbformat.v4.new_code_cell(
+            "from bnutils._util import log_line\n\nlog_line('run tiny-0123: from its record')"
+        ),
+        nbformat.v4.new_code_cell("print(6 * 7)"),
+    ]
+    path = tmp_path / "T1_tiny.ipynb"
+    nbformat.write(nb, path)
+    tool.run([str(path)])
+    out = capsys.readouterr().out
+    assert "T1_tiny.ipynb: done in" in out and "(1 runs from records, 0 trained)" in out
+    ran = nbformat.read(path, as_version=4)
+    meta = ran.metadata["bnutils"]
+    assert meta["package"] == tool.package_hash() and meta["profile"] == "full"
+    assert meta["runs"] == {"from records": 1, "trained": 0, "total": 1}
+    assert ran.cells[2].outputs[0]["text"] == "42\n"
+    assert tool.check_notebook(path) == []
+
+    def edited(change):
+        copy = nbformat.read(path, as_version=4)
+        change(copy)
+        target = tmp_path / "edited.ipynb"
+        nbformat.write(copy, target)
+        return " ".join(tool.check_notebook(target))
+
+    assert "cell 2" in edited(lambda nb: setattr(nb.cells[2], "source", "print(6 * 8)"))
+    assert "its code changed" in edited(lambda nb: setattr(nb.cells[2], "source", "print(48)"))
+
+    def paste(nb):
+        nb.cells[2].outputs[0]["text"] = "43\n"
+
+    assert "its outputs were edited" in edited(paste)
+    added = edited(lambda nb: nb.cells.append(nbformat.v4.new_code_cell("1")))
+    assert "added or removed" in added
+
+
+def test_the_policy_check_lists_no_legacy_notebook_that_is_gone():
+    tool = _tool()
+    names = {p.name for p in tool.notebooks()}
+    assert tool.LEGACY <= names, f"LEGACY names notebooks that do not exist: {tool.LEGACY - names}"
+
+
+def test_committed_run_records_are_full_profile_small_and_portable():
+    """The records under results/runs/ (committed, read by `make run`) are full-profile runs of
+    a few KB each, with no path of the machine that trained them."""
+    import json
+
+    records = sorted((ROOT / "results" / "runs").glob("*.json"))
+    total = sum(p.stat().st_size for p in records)
+    assert total < 8_000_000, f"{len(records)} run records take {total / 1e6:.1f} MB"
+    for path in records:
+        text = path.read_text()
+        record = json.loads(text)
+        assert record["key"] == path.stem, path.name
+        assert record["config"]["profile"] == "full", f"{path.name} is a quick-profile run"
+        assert path.stat().st_size < 200_000, f"{path.name}: {path.stat().st_size} bytes"
+        assert str(ROOT) not in text and "/tmp/" not in text, f"{path.name} holds a path"

@@ -112,3 +112,19 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_job_progress_lines_count_estimate_and_reach_the_log(tmp_path, monkeypatch):
+    from bnutils._util import Progress
+
+    log = tmp_path / "logs" / "job.log"
+    monkeypatch.setenv("BNUTILS_LOG", str(log))
+    progress = Progress(4, "sweep lr")
+    assert progress.done("a", 0.0, from_record=True).endswith("a, from its record; 3 to go")
+    assert progress.done("b", 30.0) == "[2/4] sweep lr: b, trained in 30 s; about 60 s left"
+    assert progress.done("c", 600.0).endswith("trained in 10 min; about 5 min left")
+    assert progress.done("d", 1.0).endswith("; done")
+    lines = log.read_text().splitlines()
+    assert [ln.split(" ", 1)[1].split("]")[0] for ln in lines] == [f"[{i}/4" for i in (1, 2, 3, 4)]
+    with pytest.raises(ValueError, match="total"):
+        Progress(0, "empty")

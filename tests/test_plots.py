@@ -137,6 +137,3 @@ def test_tracker_figures(figures):
     fig = plots.plot_moving_stats(stats, name="ms")
     assert _is_png(figures / "ms.png")
     np.testing.assert_allclose(fig.axes[1].lines[0].get_ydata(), [1.0, 2.0])
-    norms = {"steps": [0, 10], "norms": {"d1": [1.0, 0.5], "total": [2.0, 1.0]}}
-    fig = plots.plot_gradient_norms({"BN": norms, "no BN": norms}, name="g")
-    assert _is_png(figures / "g.png") and fig.axes[0].get_yscale() == "log"

@@ -58,8 +58,9 @@ def _by_key(result: SweepResult) -> dict:
 def test_every_trial_runs_in_grid_order_and_the_sweep_is_saved(capsys):
     trial = FakeTrial()
     result = run_sweep("my sweep", GRID, trial, seeds=[3, 5])
-    out = capsys.readouterr().out
-    assert "[12/12]" in out and "(cached)" not in out
+    err = capsys.readouterr().err  # one progress line per trial
+    assert "[1/12] sweep my sweep: " in err and "; done" in err.splitlines()[-1]
+    assert "from its record" not in err
     assert (result.computed, result.cached, len(result.trials)) == (12, 0, 12)
     assert [s for _, s in trial.calls] == [3, 5] * 6
     assert [p for p, _ in trial.calls[::2]] == [
@@ -307,7 +308,7 @@ def test_reruns_and_resumed_sweeps_hit_the_run_cache(data, capsys):
     assert (resumed.computed, resumed.cached) == (1, 3), "only the missing trial trains"
     again = run_sweep("cache", grid, trial, seeds=2)
     assert (again.computed, again.cached) == (0, 4), "a finished sweep trains nothing"
-    assert capsys.readouterr().out.count("(cached)") == 4
+    assert capsys.readouterr().err.count("from its record") == 4
     assert _by_key(again) == _by_key(resumed)
     assert _by_key(first).items() <= _by_key(again).items()
     assert _by_key(load_sweep("cache")) == _by_key(again)
@@ -319,15 +320,22 @@ def test_reruns_and_resumed_sweeps_hit_the_run_cache(data, capsys):
     assert run_sweep("other", {"lr": [0.01], "norm": ["batch"]}, other, seeds=1).computed == 1
 
 
+_MOMENTA = []
+
+
+def _bn_momentum(model, data):
+    """A sweep's `measure`: called inside the run, its numbers saved in the run's record."""
+    bn = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    _MOMENTA.append(bn[0].momentum if bn else None)
+    return {"n_bn": len(bn)}
+
+
 def test_real_sweep_with_train_records_divergence(data):
-    momenta = []
-
-    def evaluate(model, result, params):
-        bn = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-        momenta.append(bn[0].momentum if bn else None)
-        return {"n_bn": len(bn)}
-
-    trial = TrainTrial(data, tiny_mlp, epochs=1, batch_size=64, optimizer="sgd", evaluate=evaluate)
+    momenta = _MOMENTA
+    momenta.clear()
+    trial = TrainTrial(
+        data, tiny_mlp, epochs=1, batch_size=64, optimizer="sgd", measure=_bn_momentum
+    )
     grid = {"lr": [0.05, 1e6], "norm": ["batch"], "bn_momentum": [0.5]}
     result = run_sweep("real", grid, trial, seeds=1, verbose=False)
     ok, bad = result.trials
@@ -335,10 +343,11 @@ def test_real_sweep_with_train_records_divergence(data):
     assert ok["metrics"]["val_accuracy"] > 0.3, "a tiny MLP learns something in one epoch"
     assert ok["metrics"]["n_bn"] == 1 and momenta == [0.5]
     assert bad["diverged"] and "learning rate" in bad["message"]
-    assert "n_bn" not in bad["metrics"], "evaluate is not called on a diverged run"
+    assert "n_bn" not in bad["metrics"], "measure is not called on a diverged run"
 
-    # A new sweep over the same runs reads train()'s cache; evaluate still gets the model.
+    # A new sweep over the same runs reads their records: nothing is trained or measured again.
     again = run_sweep("real2", grid, trial, seeds=1, verbose=False)
-    assert (again.computed, again.cached) == (0, 2) and momenta == [0.5, 0.5]
+    assert (again.computed, again.cached) == (0, 2) and momenta == [0.5]
     assert again.trials[0]["metrics"]["val_accuracy"] == ok["metrics"]["val_accuracy"]
+    assert again.trials[0]["metrics"]["n_bn"] == 1, "the measured numbers come from the record"
     assert again.trials[1]["diverged"]

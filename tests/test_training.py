@@ -233,6 +233,64 @@ def test_save_model_and_reload_from_cache(data, tmp_path):
     )
 
 
+def val_numbers(model, data):
+    """A `measure`: numbers of the trained model that its record keeps."""
+    logits = model.predict(data.x_val, verbose=0)
+    return {"val_accuracy": float(np.mean(logits.argmax(1) == data.y_val)), "n": np.int64(256)}
+
+
+def val_list(model, data):
+    return [val_numbers(model, data)["val_accuracy"]]
+
+
+def test_measured_numbers_are_saved_and_read_back_without_the_model(data, tmp_path):
+    kw = dict(epochs=1, batch_size=128, results_dir=tmp_path)
+    r = train(build_mlp, data, measure=val_numbers, **kw)
+    assert r.measured["val_accuracy"] == pytest.approx(r.val_accuracy[-1], abs=1e-6)
+    assert r.measured["n"] == 256 and type(r.measured["n"]) is int, "JSON values"
+    saved = json.loads((tmp_path / f"{r.key}.json").read_text())
+    assert saved["measured"] == r.measured
+    assert "model_path" not in saved, "no machine path in a record"
+    again = train(build_mlp, data, measure=val_numbers, **kw)
+    assert again.from_cache and again.model is None and again.measured == r.measured
+    plain = train(build_mlp, data, **kw)
+    assert plain.key != r.key and not plain.from_cache, "the measure is part of the key"
+    with pytest.raises(TypeError, match="must return a dict"):
+        train(build_mlp, data, measure=val_list, force=True, **kw)
+
+
+def test_refresh_since_retrains_older_records_and_reads_newer_ones(data, tmp_path, monkeypatch):
+    log = tmp_path / "job.log"
+    monkeypatch.setenv("BNUTILS_LOG", str(log))
+    kw = dict(epochs=1, batch_size=128, results_dir=tmp_path)
+    first = train(build_mlp, data, **kw)
+    monkeypatch.setenv("BNUTILS_REFRESH_SINCE", "2999-01-01T00:00:00")
+    assert not train(build_mlp, data, **kw).from_cache, "a record older than the time retrains"
+    monkeypatch.setenv("BNUTILS_REFRESH_SINCE", first.created)
+    assert train(build_mlp, data, **kw).from_cache, "a record made since is read back"
+    lines = log.read_text().splitlines()
+    assert [ln.split(" ", 1)[1].split(":")[1].split()[0] for ln in lines] == [
+        "trained",
+        "trained",
+        "from",
+    ]
+    assert all(first.key in ln for ln in lines)
+    monkeypatch.setenv("BNUTILS_REFRESH_SINCE", "yesterday")
+    with pytest.raises(ValueError, match="not an ISO 8601 time"):
+        train(build_mlp, data, **kw)
+
+
+def test_callbacks_that_only_watch_are_not_in_the_key(data, tmp_path):
+    """A TensorBoard folder is one machine's path: a record must match on any clone."""
+    kw = dict(epochs=1, batch_size=128, results_dir=tmp_path / "runs")
+    first = train(build_mlp, data, **kw)
+    board = keras.callbacks.TensorBoard(log_dir=str(tmp_path / "tb" / "elsewhere"))
+    watched = train(build_mlp, data, callbacks=[board], **kw)
+    assert watched.from_cache and watched.key == first.key
+    stop = keras.callbacks.EarlyStopping("val_loss", patience=3)
+    assert train(build_mlp, data, callbacks=[stop], **kw).key != first.key
+
+
 def test_compiled_model_keeps_its_compile_settings(data):
     model = build_mlp()
     model.compile(
