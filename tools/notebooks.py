@@ -204,7 +204,6 @@ def run(names: list[str]) -> None:
         selected = paths or [p for p in selected if any(n in p.name for n in names)]
     if not selected:
         sys.exit(f"No notebook matches {names}; expected names such as 04 or 04_train.")
-    package = package_hash()
     estimates = [nbformat.read(p, as_version=4).metadata.get("bnutils", {}) for p in selected]
     totals = {"from records": 0, "trained": 0}
     began = time.perf_counter()
@@ -213,6 +212,7 @@ def run(names: list[str]) -> None:
         guess = f" (last run {committed:.0f} s)" if committed else ""
         print(f"[{i}/{len(selected)}] {p.name} [{profile}]: executing{guess}", flush=True)
         nb = nbformat.read(p, as_version=4)
+        package = package_hash()  # what this notebook's kernel imports
         client = NotebookClient(
             nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(p.parent)}}
         )
