@@ -194,8 +194,9 @@ def run(names: list[str]) -> None:
     log_path = results / "logs" / "run.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     os.environ["BNUTILS_LOG"] = str(log_path)
-    if fresh:
-        os.environ["BNUTILS_REFRESH_SINCE"] = _refresh_stamp(results)
+    since = _refresh_stamp(results) if fresh else None
+    if since:
+        os.environ["BNUTILS_REFRESH_SINCE"] = since
     selected = notebooks()
     if names:
         paths = [Path(n).resolve() for n in names if n.endswith(".ipynb") and Path(n).is_file()]
@@ -206,6 +207,9 @@ def run(names: list[str]) -> None:
     totals = {"from records": 0, "trained": 0}
     began = time.perf_counter()
     for i, (p, before) in enumerate(zip(selected, estimates, strict=True), 1):
+        if since and before.get("fresh_since") == since and not check_notebook(p):
+            print(f"[{i}/{len(selected)}] {p.name}: already executed in this fresh run", flush=True)
+            continue
         committed = before.get("seconds")
         guess = f" (last run {committed:.0f} s)" if committed else ""
         print(f"[{i}/{len(selected)}] {p.name} [{profile}]: executing{guess}", flush=True)
@@ -237,6 +241,8 @@ def run(names: list[str]) -> None:
             "package": package,
             "cells": provenance(nb),
         }
+        if since:
+            nb.metadata["bnutils"]["fresh_since"] = since
         nbformat.write(nb, p)
         for k in totals:
             totals[k] += counts[k]
