@@ -41,7 +41,6 @@ NAV_MARK = "<!-- nav -->"
 # cells. A notebook leaves this set when the runner executes it; the check fails on a notebook
 # that is in the set and has provenance, or that has none and is not in the set.
 LEGACY = {
-    "04_train.ipynb",
     "05_evaluate.ipynb",
     "06_tune_hyperparameters.ipynb",
     "07_inference.ipynb",
