@@ -318,8 +318,8 @@ def _moving_stats(model, x, y, stats, rows, batch_size: int, seed: int, found: _
     if (never or off) and y is not None:  # scores with the moving statistics and after precise BN
         before = _predict(model, x, False, batch_size)
         with preserved_state(model):
-            layers = [s.layer for s in stats if s.layer.trainable]
-            recalibrate_batchnorm(model, x, None, min(batch_size, len(x)), layers, seed=seed)
+            if layers := [s.layer for s in stats if s.layer.trainable]:
+                recalibrate_batchnorm(model, x, None, min(batch_size, len(x)), layers, seed=seed)
             after = _predict(model, x, False, batch_size)
         effect = {f"{k}_moving": v for k, v in _score(before, y).items()}
         effect.update({f"{k}_recalibrated": v for k, v in _score(after, y).items()})

@@ -320,7 +320,12 @@ def recalibrate_batchnorm(
     check_choice("variance", variance, ("pooled", "batch_mean"))
     targets, skipped = _select_layers(model, layers)
     if not targets:
-        return RecalibrationReport([], skipped, 0, 0, 0, variance)
+        found = "every one is frozen (trainable=False)" if skipped else "it has none"
+        raise ValueError(
+            f"Nothing to recalibrate in model {getattr(model, 'name', model)!r}: expected "
+            f"BatchNormalization layers with trainable=True, but {found}. Pass `layers=` to "
+            "recalibrate frozen ones, or check that the model is the one with BN."
+        )
     old = {id(b): (b.moving_mean.numpy(), b.moving_variance.numpy()) for _, b in targets}
     # Materialized once: every pass must see the same batches.
     batches = _batches(data, int(batch_size), num_batches, shuffle, seed, drop_remainder=True)
