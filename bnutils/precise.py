@@ -185,7 +185,15 @@ def _stats(targets, found, variance: str = "pooled") -> list[BatchNormInputStats
         if variance == "pooled":  # plus the variance of the batch means
             var = var + (w * (means - mean) ** 2).sum(0)
         mode = next(iter(modes)) if len(modes) == 1 else None
-        out.append(BatchNormInputStats(path, layer, mean, var, int(n.sum()), mode))
+        stats = BatchNormInputStats(
+            path=path,
+            layer=layer,
+            mean=mean,
+            variance=var,
+            count=int(n.sum()),
+            used_batch_stats=mode,
+        )
+        out.append(stats)
     return out
 
 
@@ -351,8 +359,22 @@ def recalibrate_batchnorm(
         eps = float(s.layer.epsilon)
         gap = np.abs(s.mean - old_mean) / np.sqrt(s.variance + eps)
         ratio = (old_var + eps) / (s.variance + eps)
-        results.append(
-            LayerRecalibration(s.path, old_mean, old_var, s.mean, s.variance, s.count,
-                               float(gap.max()), float(np.maximum(ratio, 1 / ratio).max()))
-        )  # fmt: skip
-    return RecalibrationReport(results, skipped, len(batches), n_examples, passes, variance)
+        layer = LayerRecalibration(
+            path=s.path,
+            old_mean=old_mean,
+            old_variance=old_var,
+            new_mean=s.mean,
+            new_variance=s.variance,
+            count=s.count,
+            max_mean_gap=float(gap.max()),
+            max_variance_ratio=float(np.maximum(ratio, 1 / ratio).max()),
+        )
+        results.append(layer)
+    return RecalibrationReport(
+        layers=results,
+        skipped=skipped,
+        num_batches=len(batches),
+        num_examples=n_examples,
+        passes=passes,
+        variance=variance,
+    )
