@@ -62,8 +62,12 @@ def walk_layers(model: Any) -> list[tuple[str, Any]]:
 
 
 def is_batchnorm(layer: Any) -> bool:
-    """Whether ``layer`` is a ``keras.layers.BatchNormalization`` (or a subclass)."""
-    return isinstance(layer, keras.layers.BatchNormalization)
+    """Whether ``layer`` is a BN layer: ``keras.layers.BatchNormalization`` or any subclass
+    (the package's fused and ghost layers, a user's own) or the package's
+    :class:`~bnutils.scratch.ScratchBatchNormalization`. The package's one BN predicate."""
+    from bnutils.scratch import ScratchBatchNormalization  # keras.ops only; no cycle
+
+    return isinstance(layer, (keras.layers.BatchNormalization, ScratchBatchNormalization))
 
 
 def find_batchnorm_layers(model: Any) -> list[tuple[str, Any]]:

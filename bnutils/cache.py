@@ -65,8 +65,8 @@ def describe(obj: Any) -> Any:
     if callable(get_config) and not isinstance(obj, type):
         try:
             config = {k: v for k, v in get_config().items() if k != "name"}
-        except Exception:  # objects whose config is not implemented
-            config = None
+        except NotImplementedError as e:  # e.g. a custom Keras object without get_config
+            raise _undescribable(obj, "its get_config() is not implemented") from e
         return {"class": _qualname(type(obj)), "config": json_safe(config)}
     if isinstance(obj, functools.partial):
         return {
@@ -94,9 +94,20 @@ def describe(obj: Any) -> Any:
     # arguments, read back from the same-named attributes; counters and other state a run
     # changes are not settings, nor is how much it prints.
     params = inspect.signature(type(obj).__init__).parameters
-    skip = {"self", "verbose", "args", "kwargs"}
-    settings = {k: describe(getattr(obj, k)) for k in params if k not in skip and hasattr(obj, k)}
-    return {"class": name, "settings": settings}
+    names = [k for k in params if k not in {"self", "verbose", "args", "kwargs"}]
+    if missing := [k for k in names if not hasattr(obj, k)]:
+        raise _undescribable(obj, f"it keeps no attribute named like its arguments {missing}")
+    return {"class": name, "settings": {k: describe(getattr(obj, k)) for k in names}}
+
+
+def _undescribable(obj: Any, why: str) -> ValueError:
+    """The error for an object whose settings a key cannot read: it could hit a stale run."""
+    return ValueError(
+        f"Cannot put a {type(obj).__name__} in a run's cache key: {why}, so a changed setting "
+        "would go unseen and a stale run could be read back. Store each constructor argument "
+        "under its own name (`self.patience = patience`), or give the class a `get_config()` "
+        "or a `fingerprint()` method that returns its settings."
+    )
 
 
 def _layer_names(config: Any, out: list) -> list:

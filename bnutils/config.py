@@ -64,11 +64,31 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "quick": Profile("quick", train_size=2_000, val_size=1_000, test_size=2_000, epochs=2,
-                     long_epochs=2, seeds=3, sweep_points=3, tuner_trials=2, short_epochs=2),
-    "full": Profile("full", train_size=None, val_size=5_000, test_size=None, epochs=10,
-                    long_epochs=30, seeds=5, sweep_points=7, tuner_trials=10, short_epochs=3),
-}  # fmt: skip
+    "quick": Profile(
+        name="quick",
+        train_size=2_000,
+        val_size=1_000,
+        test_size=2_000,
+        epochs=2,
+        long_epochs=2,
+        seeds=3,
+        sweep_points=3,
+        tuner_trials=2,
+        short_epochs=2,
+    ),
+    "full": Profile(
+        name="full",
+        train_size=None,
+        val_size=5_000,
+        test_size=None,
+        epochs=10,
+        long_epochs=30,
+        seeds=5,
+        sweep_points=7,
+        tuner_trials=10,
+        short_epochs=3,
+    ),
+}
 
 
 def get_profile(name: str | None = None) -> Profile:

@@ -43,12 +43,32 @@ _SPECS = {
 }
 SCALES = ("unit", "standard", "raw")
 _CLASSES = {
-    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    "fashion_mnist": (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
     "mnist": tuple(str(i) for i in range(10)),
-    "cifar10": ("airplane", "automobile", "bird", "cat", "deer",
-                "dog", "frog", "horse", "ship", "truck"),
-}  # fmt: skip
+    "cifar10": (
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ),
+}
 # file stem -> (expected magic, expected count, trailing dimensions)
 _FASHION_FILES = {
     "train-images-idx3-ubyte": (2051, 60_000, (28, 28)),
@@ -252,8 +272,11 @@ def _check_arrays(where, name, x_train, y_train, x_test, y_test):
             raise DatasetError(f"{where}: {label} labels span {y.min()}-{y.max()}, expected 0-9.")
 
 
-_READERS = {"fashion_mnist": _read_fashion_folder, "mnist": _read_mnist_folder,
-            "cifar10": _read_cifar_folder}  # fmt: skip
+_READERS = {
+    "fashion_mnist": _read_fashion_folder,
+    "mnist": _read_mnist_folder,
+    "cifar10": _read_cifar_folder,
+}
 
 
 def _keras_download(name: str):

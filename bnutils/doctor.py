@@ -58,8 +58,18 @@ _FIXES = {
 
 L = keras.layers
 _DROPOUT = (L.Dropout, L.GaussianDropout, L.AlphaDropout)
-_SHAPE_ONLY = (L.Flatten, L.Reshape, L.Permute, L.Identity, L.ZeroPadding1D, L.ZeroPadding2D,
-               L.ZeroPadding3D, L.Cropping1D, L.Cropping2D, L.Cropping3D)  # fmt: skip
+_SHAPE_ONLY = (
+    L.Flatten,
+    L.Reshape,
+    L.Permute,
+    L.Identity,
+    L.ZeroPadding1D,
+    L.ZeroPadding2D,
+    L.ZeroPadding3D,
+    L.Cropping1D,
+    L.Cropping2D,
+    L.Cropping3D,
+)
 _ELEMENTWISE = (L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.PReLU)
 _MEAN_GAP, _VARIANCE_RATIO = 0.8, 2.5  # moving-stats-mismatch thresholds (module docstring)
 
@@ -318,8 +328,8 @@ def _moving_stats(model, x, y, stats, rows, batch_size: int, seed: int, found: _
     if (never or off) and y is not None:  # scores with the moving statistics and after precise BN
         before = _predict(model, x, False, batch_size)
         with preserved_state(model):
-            layers = [s.layer for s in stats if s.layer.trainable]
-            recalibrate_batchnorm(model, x, None, min(batch_size, len(x)), layers, seed=seed)
+            if layers := [s.layer for s in stats if s.layer.trainable]:
+                recalibrate_batchnorm(model, x, None, min(batch_size, len(x)), layers, seed=seed)
             after = _predict(model, x, False, batch_size)
         effect = {f"{k}_moving": v for k, v in _score(before, y).items()}
         effect.update({f"{k}_recalibrated": v for k, v in _score(after, y).items()})
@@ -365,7 +375,14 @@ def diagnose_batchnorm(model, x, y=None, batch_size: int = 128, seed: int = 0) -
     if not bn_layers:
         msg = f"Model {model.name!r} has no BatchNormalization layer (nested ones included)."
         found.add("no-batchnorm", "info", None, msg, {"n_layers": len(model.layers)})
-        return DoctorReport(model.name, list(found), [], len(x), time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return DoctorReport(
+            model_name=model.name,
+            findings=list(found),
+            layers=[],
+            n_examples=len(x),
+            seconds=seconds,
+        )
     if inputs is None:
         msg = f"Model {model.name!r} is subclassed: only the measured checks ran."
         found.add("graph-unavailable", "info", None, msg, {"n_bn_layers": len(bn_layers)})
@@ -390,4 +407,7 @@ def diagnose_batchnorm(model, x, y=None, batch_size: int = 128, seed: int = 0) -
                 found.amend(i, variance_shift=shift)
     unique = {(f.code, f.layer, f.message): f for f in found}.values()
     findings = sorted(unique, key=lambda f: _RANK[f.severity])
-    return DoctorReport(model.name, findings, rows, len(x), time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return DoctorReport(
+        model_name=model.name, findings=findings, layers=rows, n_examples=len(x), seconds=seconds
+    )

@@ -45,9 +45,14 @@ class BatchIndependenceReport:
 
 
 def check_batch_independence(
-    model, x, training: bool = False, n_trials: int = 3, seed: int = 0,
-    batch_size: int | None = None, tolerance: float = 1e-4,
-) -> BatchIndependenceReport:  # fmt: skip
+    model,
+    x,
+    training: bool = False,
+    n_trials: int = 3,
+    seed: int = 0,
+    batch_size: int | None = None,
+    tolerance: float = 1e-4,
+) -> BatchIndependenceReport:
     """Predict every example of ``x`` inside different batches and compare the answers.
 
     ``model(x, training=training)`` on all of ``x`` is compared with ``n_trials`` seeded
@@ -82,10 +87,17 @@ def check_batch_independence(
     scale = float(np.nan_to_num(np.std(reference), posinf=0.0)) or 1.0  # 1.0: constant outputs
     max_abs = float(per_example.max())
     return BatchIndependenceReport(
-        max_abs, max_abs / scale, float(changes[-1].max()) / scale, n,
-        bool(max_abs / scale <= tolerance), int(per_example.argmax()), scale, float(tolerance),
-        bool(training), n_trials + 1,
-    )  # fmt: skip
+        max_abs_change=max_abs,
+        max_rel_change=max_abs / scale,
+        batch_of_one_change=float(changes[-1].max()) / scale,
+        n_examples=n,
+        independent=bool(max_abs / scale <= tolerance),
+        worst_index=int(per_example.argmax()),
+        output_scale=scale,
+        tolerance=float(tolerance),
+        training=bool(training),
+        n_compositions=n_trials + 1,
+    )
 
 
 def describe_bn_mode(model) -> str:

@@ -185,7 +185,15 @@ def _stats(targets, found, variance: str = "pooled") -> list[BatchNormInputStats
         if variance == "pooled":  # plus the variance of the batch means
             var = var + (w * (means - mean) ** 2).sum(0)
         mode = next(iter(modes)) if len(modes) == 1 else None
-        out.append(BatchNormInputStats(path, layer, mean, var, int(n.sum()), mode))
+        stats = BatchNormInputStats(
+            path=path,
+            layer=layer,
+            mean=mean,
+            variance=var,
+            count=int(n.sum()),
+            used_batch_stats=mode,
+        )
+        out.append(stats)
     return out
 
 
@@ -320,7 +328,12 @@ def recalibrate_batchnorm(
     check_choice("variance", variance, ("pooled", "batch_mean"))
     targets, skipped = _select_layers(model, layers)
     if not targets:
-        return RecalibrationReport([], skipped, 0, 0, 0, variance)
+        found = "every one is frozen (trainable=False)" if skipped else "it has none"
+        raise ValueError(
+            f"Nothing to recalibrate in model {getattr(model, 'name', model)!r}: expected "
+            f"BatchNormalization layers with trainable=True, but {found}. Pass `layers=` to "
+            "recalibrate frozen ones, or check that the model is the one with BN."
+        )
     old = {id(b): (b.moving_mean.numpy(), b.moving_variance.numpy()) for _, b in targets}
     # Materialized once: every pass must see the same batches.
     batches = _batches(data, int(batch_size), num_batches, shuffle, seed, drop_remainder=True)
@@ -346,8 +359,22 @@ def recalibrate_batchnorm(
         eps = float(s.layer.epsilon)
         gap = np.abs(s.mean - old_mean) / np.sqrt(s.variance + eps)
         ratio = (old_var + eps) / (s.variance + eps)
-        results.append(
-            LayerRecalibration(s.path, old_mean, old_var, s.mean, s.variance, s.count,
-                               float(gap.max()), float(np.maximum(ratio, 1 / ratio).max()))
-        )  # fmt: skip
-    return RecalibrationReport(results, skipped, len(batches), n_examples, passes, variance)
+        layer = LayerRecalibration(
+            path=s.path,
+            old_mean=old_mean,
+            old_variance=old_var,
+            new_mean=s.mean,
+            new_variance=s.variance,
+            count=s.count,
+            max_mean_gap=float(gap.max()),
+            max_variance_ratio=float(np.maximum(ratio, 1 / ratio).max()),
+        )
+        results.append(layer)
+    return RecalibrationReport(
+        layers=results,
+        skipped=skipped,
+        num_batches=len(batches),
+        num_examples=n_examples,
+        passes=passes,
+        variance=variance,
+    )

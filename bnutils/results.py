@@ -59,6 +59,9 @@ class Table:
     def __str__(self) -> str:
         return self.to_markdown()
 
+    def __repr__(self) -> str:  # the plain-text output of a notebook cell: the table, no fields
+        return self.to_markdown()
+
     def to_dict(self) -> dict:
         """``{"columns": [...], "rows": [...]}``, the layout ``tools/results_table.py`` reads."""
         return {"columns": list(self.columns), "rows": [dict(r) for r in self.rows]}

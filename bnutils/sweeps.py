@@ -201,7 +201,14 @@ def run_sweep(
         label = f"{json.dumps(params)} seed {seed} ({state})"
         progress.done(label, time.perf_counter() - start, from_record=t["from_cache"])
     cached = sum(t["from_cache"] for t in trials)
-    result = SweepResult(name, grid, seeds, trials, len(trials) - cached, cached)
+    result = SweepResult(
+        name=name,
+        grid=grid,
+        seeds=seeds,
+        trials=trials,
+        computed=len(trials) - cached,
+        cached=cached,
+    )
     result.path = str(atomic_write_json(_sweep_path(name), dataclasses.asdict(result)))
     return result
 
@@ -358,4 +365,13 @@ def usable_range(
     low, high = (None, None) if lo is None else (rows[lo][key], rows[hi][key])
     decades = math.log10(high / low) if lo is not None and low > 0 and high > 0 else math.nan
     diverged = tuple(r[key] for r in rows if r["n_diverged"] > 0)
-    return UsableRange(key, low, high, best[key], best["mean"], diverged, reference, decades)
+    return UsableRange(
+        key=key,
+        low=low,
+        high=high,
+        best_value=best[key],
+        best_score=best["mean"],
+        diverged=diverged,
+        reference=reference,
+        decades=decades,
+    )

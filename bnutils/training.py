@@ -407,7 +407,10 @@ def train(
             model.save(tmp)
     if measure is not None and not message:
         saved["measured"] = _measure(measure, model, data)
-    result = TrainResult(key.rsplit("-", 1)[0], key, seed, record, history, **saved)
+    run_name = key.rsplit("-", 1)[0]
+    result = TrainResult(
+        run_name=run_name, key=key, seed=seed, config=record, history=history, **saved
+    )
     result.model_path = str(model_path) if save_model else None
     cache.store(result, runs_dir)
     result.model = model

@@ -244,6 +244,11 @@ def test_profile_breakdown_sorts_trace_events_by_what_they_compute():
         f"{tape}/cnn_fused_1/block1_pool_1/MaxPool2d/MaxPoolGrad:MaxPoolGrad": "pooling",
         "StatefulPartitionedCall/sgd/AssignAddVariableOp_12:AssignAddVariableOp": "optimizer",
         f"{head}/avg_pool_1/Mean:Mean": "other",
+        # oneDNN's rewrite (AVX-512 machines): the same ops as _MklNative<Op>
+        f"{head}/block1_conv1_1/convolution:_MklNativeFusedConv2D": "conv fwd",
+        f"{tape}/cnn_none_1/block1_conv1_1/c:_MklNativeConv2DBackpropFilterWithBias": "conv bwd",
+        f"{head}/block1_conv1_bn_1/FusedBatchNormV3:_MklNativeFusedBatchNormEx": "BN kernel fwd",
+        f"{tape}/cnn_fused_1/block1_pool_1/MaxPool2d/g:_MklNativeMaxPoolGrad": "pooling",
         "ExecutorState::Process": None,
         "ParallelFor": None,
     }

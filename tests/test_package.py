@@ -78,7 +78,9 @@ def test_private_keras_api_only_in_the_graph_module():
     assert not unexplained, f"_graph.py lines without a `# Private: reason`: {unexplained}"
 
 
-@pytest.mark.parametrize("limit,total", [(450, 6500)])
+# 6,500 lines before the command line (bnutils/cli.py, about 230 lines) was added and the
+# squeezed code (`# fmt: skip`, dataclasses built positionally) was written out.
+@pytest.mark.parametrize("limit,total", [(450, 7000)])
 def test_modules_are_small(limit, total):
     sizes = {p.name: len(p.read_text().splitlines()) for p in _modules()}
     too_big = {name: n for name, n in sizes.items() if n > limit}

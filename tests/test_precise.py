@@ -223,5 +223,44 @@ def test_bad_arguments_raise_helpful_errors(fmnist):
         recalibrate_batchnorm(object(), x)
     with pytest.raises(TypeError, match="Expected `data`"):
         recalibrate_batchnorm(model, 3.5)
-    no_bn = keras.Sequential([keras.Input((4,)), L.Dense(2)])
-    assert recalibrate_batchnorm(no_bn, np.zeros((8, 4), "float32")).layers == []
+    no_bn = keras.Sequential([keras.Input((4,)), L.Dense(2)], name="plain")
+    with pytest.raises(ValueError, match="Nothing to recalibrate in model 'plain'.*has none"):
+        recalibrate_batchnorm(no_bn, np.zeros((8, 4), "float32"))
+    for layer in model.layers:
+        layer.trainable = False
+    with pytest.raises(ValueError, match="every one is frozen"):
+        recalibrate_batchnorm(model, x)
+
+
+def test_the_scratch_layer_is_found_recalibrated_and_diagnosed_like_keras_bn(fmnist):
+    """One BN predicate: notebook 03's layer is a BN layer for every tool of the package."""
+    from bnutils import diagnose_batchnorm, find_batchnorm_layers
+    from bnutils.scratch import ScratchBatchNormalization
+
+    def build(bn_class):
+        keras.utils.set_random_seed(0)
+        return keras.Sequential(
+            [
+                keras.Input((28, 28, 1)),
+                L.Flatten(),
+                L.Dense(32),
+                bn_class(name="bn"),
+                L.ReLU(),
+                L.Dense(10),
+            ]
+        )
+
+    x = fmnist.x_train[:512]
+    reports = {}
+    for bn_class in (L.BatchNormalization, ScratchBatchNormalization):
+        model = build(bn_class)
+        assert [p for p, _ in find_batchnorm_layers(model)] == ["bn"]
+        report = recalibrate_batchnorm(model, x, num_batches=None, batch_size=128, shuffle=False)
+        reports[bn_class.__name__] = report
+        assert [r.path for r in report.layers] == ["bn"] and report.num_batches == 4
+        doctor = diagnose_batchnorm(model, fmnist.x_val[:256])
+        assert "no BatchNormalization layer" not in str(doctor)
+    keras_bn, scratch = reports.values()
+    np.testing.assert_allclose(
+        scratch.layers[0].new_mean, keras_bn.layers[0].new_mean, rtol=1e-5, atol=1e-6
+    )

@@ -126,3 +126,4 @@ def test_tables():
     assert t._repr_markdown_() == md and t.to_dict()["rows"][0]["model"] == "bn"
     assert "| 0.0003 |" in str(make_table([{"lr": 3e-4}])), "3e-4 must not print as 0.000"
     assert make_table([{"a": 1, "b": 2}], columns=["b", "a"]).columns == ["b", "a"]
+    assert repr(t) == str(t) and "Table(rows=" not in repr(t), "a cell's text output is the table"

@@ -420,3 +420,22 @@ def test_key_sees_callback_settings_and_partials_and_refuses_lambdas():
     )
     with pytest.raises(ValueError, match="lambda"):
         cache.describe(lambda x: x)
+
+
+class HiddenPatience(keras.callbacks.Callback):
+    def __init__(self, patience=2):
+        super().__init__()
+        self._patience = patience  # not under its argument's name: the key cannot read it
+
+
+class NoConfig:
+    def get_config(self):
+        raise NotImplementedError
+
+
+def test_key_refuses_objects_whose_settings_it_cannot_read():
+    """A setting the key cannot see could hit a stale run: refused, with the fix."""
+    with pytest.raises(ValueError, match=r"HiddenPatience.*\['patience'\].*self.patience"):
+        cache.describe(HiddenPatience(5))
+    with pytest.raises(ValueError, match=r"get_config\(\) is not implemented"):
+        cache.describe(NoConfig())
