@@ -140,8 +140,8 @@ def test_the_policy_check_lists_no_legacy_notebook_that_is_gone():
 
 
 def test_committed_run_records_are_full_profile_small_and_portable():
-    """The records under results/runs/ (committed, read by `make run`) are full-profile runs of
-    a few KB each, with no path of the machine that trained them."""
+    """The records under results/runs/ (committed, read by `make run`) are full-profile runs,
+    small, with no path of the machine that trained them."""
     import json
 
     records = sorted((ROOT / "results" / "runs").glob("*.json"))
@@ -152,5 +152,6 @@ def test_committed_run_records_are_full_profile_small_and_portable():
         record = json.loads(text)
         assert record["key"] == path.stem, path.name
         assert record["config"]["profile"] == "full", f"{path.name} is a quick-profile run"
-        assert path.stat().st_size < 200_000, f"{path.name}: {path.stat().st_size} bytes"
+        # Most are a few KB; tracker records make a few larger (04's CNN with BN: 0.36 MB).
+        assert path.stat().st_size < 500_000, f"{path.name}: {path.stat().st_size} bytes"
         assert str(ROOT) not in text and "/tmp/" not in text, f"{path.name} holds a path"
