@@ -42,7 +42,6 @@ NAV_MARK = "<!-- nav -->"
 # that is in the set and has provenance, or that has none and is not in the set.
 LEGACY = {
     "05_evaluate.ipynb",
-    "A2_troubleshooting.ipynb",
 }
 
 
