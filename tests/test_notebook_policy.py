@@ -83,6 +83,11 @@ def test_runner_drops_tensorflow_log_lines_and_machine_paths():
     cell.outputs = [
         nbformat.v4.new_output("stream", name="stdout", text=text),
         nbformat.v4.new_output("stream", name="stderr", text=log),
+        nbformat.v4.new_output(
+            "stream",
+            name="stderr",
+            text="INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n",
+        ),
     ]
     nb.cells.append(cell)
     tool._drop_log_noise(nb)

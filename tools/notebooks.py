@@ -262,6 +262,7 @@ _NOISE = (
     "cpu_feature_guard",
     "This TensorFlow binary is optimized",
     "To enable the following instructions",
+    "Created TensorFlow Lite XNNPACK delegate",  # LiteRT's interpreter, on stderr at every load
 )
 # C++ (glog) lines such as `E0000 00:00:17955... node_def_util.cc:682] ...`, and absl's Python
 # `INFO:tensorflow:` lines: neither obeys TF_CPP_MIN_LOG_LEVEL, neither teaches anything.
