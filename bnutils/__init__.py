@@ -33,6 +33,7 @@ from bnutils import (  # submodules are attributes: `bnutils.config` just works
 )
 from bnutils._graph import find_batchnorm_layers, walk_layers
 from bnutils.callbacks import (
+    AccuracyTracker,
     ActivationPercentiles,
     MovingStatsTracker,
     Tracker,

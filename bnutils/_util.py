@@ -30,7 +30,9 @@ __all__ = [
     "cpu_flags",
     "digest",
     "env_info",
+    "field",
     "json_safe",
+    "model_outputs",
     "log_line",
     "preserved_state",
     "Progress",
@@ -268,3 +270,27 @@ def preserved_state(model: Any, variables: Iterable[Any] | None = None) -> Itera
     finally:
         for v, value in zip(variables, saved, strict=True):
             v.assign(value)
+
+
+# ---------------------------------------------------------------- results and models
+
+
+def field(result: Any, name: str) -> Any:
+    """A field of a run result given as a dict (a JSON record) or an object (``TrainResult``,
+    a tracker); ``None`` when it has none."""
+    from collections.abc import Mapping
+
+    return result.get(name) if isinstance(result, Mapping) else getattr(result, name, None)
+
+
+def model_outputs(model, x, training=False, batch_size: int | None = None) -> np.ndarray:
+    """``model``'s outputs on ``x`` in batches, as one (examples, values) float64 array."""
+    import keras
+
+    step = batch_size or len(x)
+    parts = []
+    for s in range(0, len(x), step):
+        outs = keras.tree.flatten(model(x[s : s + step], training=training))
+        arrays = [np.asarray(keras.ops.convert_to_numpy(o), np.float64) for o in outs]
+        parts.append(np.concatenate([a.reshape(len(a), -1) for a in arrays], axis=1))
+    return np.concatenate(parts)

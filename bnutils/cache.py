@@ -186,11 +186,10 @@ def lookup(
         return None
     if since is not None and _created(result) < since:
         return None  # recorded before the refresh: train it again
-    if model_path is not None:
-        if not (result.model_path and Path(result.model_path).is_file()):
-            if not Path(model_path).is_file():
-                return None  # the saved model is gone: train again
-            result.model_path = str(model_path)
+    if model_path is not None:  # records do not store the model's path: it is the key's
+        if not Path(model_path).is_file():
+            return None  # the saved model is gone: train again
+        result.model_path = str(model_path)
         result.load_model()
     return result
 

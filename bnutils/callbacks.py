@@ -1,14 +1,17 @@
 """Trackers: Keras callbacks that record what happens inside a network while it trains.
 
 :class:`ActivationPercentiles` (Ioffe & Szegedy 2015, Figure 1b, c: percentiles of a sigmoid's
-input) and :class:`MovingStatsTracker` (BN moving statistics). Each records at step 0 and every ``every`` steps, into plain lists
+input), :class:`MovingStatsTracker` (BN moving statistics) and :class:`AccuracyTracker`
+(accuracy in inference mode on fixed sets, several times an epoch). Each records at step 0 and every ``every`` steps, into plain lists
 that :func:`bnutils.training.train` saves with the run and restores on a cache hit. Trackers
-never change the model: forward passes go through ``Model.stateless_call``. Used in notebook 04.
+never change the model: forward passes go through ``Model.stateless_call`` or run in inference
+mode. Used in notebooks 04 and 05.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 
 import keras
@@ -18,7 +21,7 @@ from bnutils._graph import walk_layers
 from bnutils._util import check_positive_int
 from bnutils.cache import describe
 
-__all__ = ["ActivationPercentiles", "MovingStatsTracker", "Tracker"]
+__all__ = ["AccuracyTracker", "ActivationPercentiles", "MovingStatsTracker", "Tracker"]
 
 
 class Tracker(keras.callbacks.Callback):
@@ -263,3 +266,76 @@ class MovingStatsTracker(Tracker):
             for key, values in (("mean", mean), ("variance", var)):
                 self.stats[lyr.name][key].append(float(values.mean()))
                 self.stats[lyr.name][f"{key}_channels"].append([float(values[c]) for c in chans])
+
+
+class AccuracyTracker(Tracker):
+    """Accuracy in inference mode on fixed labelled sets, at step 0 and every ``every`` steps.
+
+    The training accuracy Keras logs during an epoch is a running mean over batches computed in
+    training mode (batch statistics, dropout on) while the weights change; this tracker
+    measures every set the way a test set is measured, so that training and held-out accuracy
+    can be compared at the same step (notebook 05: the gap at matched training accuracy).
+
+    Args:
+        sets: name -> ``(x, y)`` with integer labels, e.g. ``{"train": (x[:5000], y[:5000]),
+            "val": (x_val, y_val)}``.
+        batch_size: examples per forward pass.
+        every, name: as for :class:`Tracker`.
+
+    Attributes:
+        steps: the steps recorded; ``accuracy``: ``{set name: [accuracy at each step]}``;
+        ``seconds``: training time up to each record, summed over the optimizer steps only
+        (the tracker's own evaluations and Keras's validation are left out).
+
+    Raises:
+        ValueError: no set, a set that is not ``(x, y)`` of equal lengths, or labels that are
+            not integers.
+    """
+
+    _settings = ("sets", "batch_size")
+    _records = ("accuracy", "seconds")
+
+    def __init__(self, sets, batch_size: int = 1000, every: int = 50, name: str | None = None):
+        super().__init__(every=every, name=name)
+        if not isinstance(sets, dict) or not sets:
+            raise ValueError(
+                "AccuracyTracker: `sets` must be a non-empty dict name -> (x, y), received "
+                f"{type(sets).__name__}."
+            )
+        self.sets = {}
+        for key, pair in sets.items():
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(
+                    f"AccuracyTracker: sets[{key!r}] must be a pair (x, y), received "
+                    f"{type(pair).__name__}."
+                )
+            x, y = np.asarray(pair[0], dtype="float32"), np.asarray(pair[1])
+            if len(x) != len(y) or not len(x) or not np.issubdtype(y.dtype, np.integer):
+                raise ValueError(
+                    f"AccuracyTracker: sets[{key!r}] needs as many integer labels as inputs "
+                    f"(at least one); received x of shape {x.shape}, y of shape {y.shape} "
+                    f"and dtype {y.dtype}."
+                )
+            self.sets[str(key)] = (x, y.reshape(-1))
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.accuracy: dict[str, list[float]] = {}
+        self.seconds: list[float] = []
+        self._train_seconds = 0.0
+        self._batch_start = 0.0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._train_seconds += time.perf_counter() - self._batch_start
+        super().on_train_batch_end(batch, logs)
+
+    def record(self, step: int) -> None:
+        self.seconds.append(self._train_seconds)
+        for key, (x, y) in self.sets.items():
+            correct = 0
+            for start in range(0, len(x), self.batch_size):
+                out = self.model(x[start : start + self.batch_size], training=False)
+                predicted = np.argmax(keras.ops.convert_to_numpy(out), axis=-1)
+                correct += int((predicted == y[start : start + self.batch_size]).sum())
+            self.accuracy.setdefault(key, []).append(correct / len(x))

@@ -24,8 +24,8 @@ import keras
 import numpy as np
 
 from bnutils._graph import LayerGraph, find_batchnorm_layers, is_batchnorm
-from bnutils._util import check_choice, preserved_state
-from bnutils.inference import _predict, check_batch_independence
+from bnutils._util import check_choice, model_outputs, preserved_state
+from bnutils.inference import check_batch_independence
 from bnutils.precise import batchnorm_input_statistics, recalibrate_batchnorm
 
 __all__ = ["SEVERITIES", "DoctorReport", "Finding", "diagnose_batchnorm"]
@@ -306,8 +306,8 @@ def _batch_dependence(model, sample, rows, seed: int, found: _Findings) -> None:
         return
     # A Functional graph keeps `base(x, training=True)` when the outer call passes no flag.
     with preserved_state(model):
-        plain = _predict(model, sample, None)
-    ref = _predict(model, sample, False)
+        plain = model_outputs(model, sample, None)
+    ref = model_outputs(model, sample, False)
     change = float(np.abs(plain - ref).max() / (float(np.std(ref)) or 1.0))
     if change > ind.tolerance:
         default = batchnorm_input_statistics(model, sample, None, len(sample))
@@ -326,11 +326,11 @@ def _moving_stats(model, x, y, stats, rows, batch_size: int, seed: int, found: _
     off = [r for r in off if r["mean_gap"] > _MEAN_GAP or r["variance_ratio"] > _VARIANCE_RATIO]
     effect = {}
     if (never or off) and y is not None:  # scores with the moving statistics and after precise BN
-        before = _predict(model, x, False, batch_size)
+        before = model_outputs(model, x, False, batch_size)
         with preserved_state(model):
             if layers := [s.layer for s in stats if s.layer.trainable]:
                 recalibrate_batchnorm(model, x, None, min(batch_size, len(x)), layers, seed=seed)
-            after = _predict(model, x, False, batch_size)
+            after = model_outputs(model, x, False, batch_size)
         effect = {f"{k}_moving": v for k, v in _score(before, y).items()}
         effect.update({f"{k}_recalibrated": v for k, v in _score(after, y).items()})
         if before.shape[1] > 1:

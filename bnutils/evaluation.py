@@ -6,12 +6,12 @@ Used in notebooks 05 and 06 and the benchmarks. Statistics over seeds are in :mo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import numpy as np
 
 from bnutils._graph import ends_in_softmax
-from bnutils._util import check_choice
+from bnutils._util import check_choice, field
 
 __all__ = ["confusion_matrix", "evaluate", "time_to_accuracy"]
 
@@ -122,10 +122,6 @@ def confusion_matrix(
         return np.where(total > 0, cm / np.maximum(total, 1), 0.0)
 
 
-def _get(result, name: str):
-    return result.get(name) if isinstance(result, Mapping) else getattr(result, name, None)
-
-
 def time_to_accuracy(results: Iterable, target: float, metric: str = "val_accuracy") -> list[dict]:
     """When each run first reached ``target`` on ``metric`` (by epoch, seconds and steps).
 
@@ -144,20 +140,20 @@ def time_to_accuracy(results: Iterable, target: float, metric: str = "val_accura
     """
     rows = []
     for r in results:
-        history = _get(r, "history") or {}
+        history = field(r, "history") or {}
         if metric not in history:
             raise ValueError(
-                f"Run {_get(r, 'run_name')!r} has no {metric!r} in its history; it has "
+                f"Run {field(r, 'run_name')!r} has no {metric!r} in its history; it has "
                 f"{sorted(history)}."
             )
         curve = [math.nan if v is None else float(v) for v in history[metric]]
-        times = np.cumsum([float(t) for t in (_get(r, "epoch_times") or [])])
-        per_epoch = _get(r, "steps_per_epoch")
+        times = np.cumsum([float(t) for t in (field(r, "epoch_times") or [])])
+        per_epoch = field(r, "steps_per_epoch")
         epoch = next((i + 1 for i, v in enumerate(curve) if v >= target), None)
         rows.append(
             {
-                "run_name": _get(r, "run_name"),
-                "seed": _get(r, "seed"),
+                "run_name": field(r, "run_name"),
+                "seed": field(r, "seed"),
                 "reached": epoch is not None,
                 "epoch": epoch,
                 "seconds": float(times[epoch - 1]) if epoch and len(times) >= epoch else None,

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import keras
 import numpy as np
 
 from bnutils._graph import find_batchnorm_layers
-from bnutils._util import check_positive_int, preserved_state
+from bnutils._util import check_positive_int, model_outputs, preserved_state
 
 __all__ = ["BatchIndependenceReport", "check_batch_independence", "describe_bn_mode"]
 
@@ -76,13 +75,13 @@ def check_batch_independence(
     size = check_positive_int("batch_size", max(2, n // 4) if batch_size is None else batch_size)
     rng = np.random.default_rng(seed)
     with preserved_state(model):
-        reference = _predict(model, x, training)
+        reference = model_outputs(model, x, training)
         changes = []  # per composition: the largest change of each example
         for _ in range(n_trials):
             order = rng.permutation(n)
-            pred = _predict(model, x[order], training, size)[np.argsort(order)]
+            pred = model_outputs(model, x[order], training, size)[np.argsort(order)]
             changes.append(np.abs(pred - reference).max(axis=1))
-        changes.append(np.abs(_predict(model, x, training, 1) - reference).max(axis=1))
+        changes.append(np.abs(model_outputs(model, x, training, 1) - reference).max(axis=1))
     per_example = np.max(changes, axis=0)
     scale = float(np.nan_to_num(np.std(reference), posinf=0.0)) or 1.0  # 1.0: constant outputs
     max_abs = float(per_example.max())
@@ -109,14 +108,3 @@ def describe_bn_mode(model) -> str:
         for path, bn in find_batchnorm_layers(model)
     ]
     return "\n".join(rows) if rows else f"`{model.name}` has no BatchNormalization layer."
-
-
-def _predict(model, x, training=False, batch_size: int | None = None) -> np.ndarray:
-    """``model``'s outputs on ``x`` in batches, as one (examples, values) float64 array."""
-    step = batch_size or len(x)
-    parts = []
-    for s in range(0, len(x), step):
-        outs = keras.tree.flatten(model(x[s : s + step], training=training))
-        arrays = [np.asarray(keras.ops.convert_to_numpy(o), np.float64) for o in outs]
-        parts.append(np.concatenate([a.reshape(len(a), -1) for a in arrays], axis=1))
-    return np.concatenate(parts)

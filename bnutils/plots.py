@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from bnutils import config
-from bnutils.evaluation import _get, confusion_matrix
+from bnutils._util import field
+from bnutils.evaluation import confusion_matrix
 from bnutils.stats import Summary, summarize
 
 __all__ = [
@@ -86,14 +87,14 @@ def _finish(axes, name: str | None, title: str | None = None):
 def _curve(run, metric: str) -> np.ndarray:
     """``metric`` of a TrainResult, its ``to_dict()`` or a Keras ``History`` (``train_loss`` is
     Keras's ``loss``)."""
-    history = _get(run, "history") or {}
+    history = field(run, "history") or {}
     for key in (metric, metric.removeprefix("train_")):
-        values = _get(run, key)
+        values = field(run, key)
         values = history.get(key) if values is None else values
         if values is not None:
             return np.asarray([math.nan if v is None else v for v in values], dtype=float)
     raise ValueError(
-        f"Run {_get(run, 'run_name')!r} has no curve {metric!r}; use one of train_loss, "
+        f"Run {field(run, 'run_name')!r} has no curve {metric!r}; use one of train_loss, "
         f"train_accuracy, val_loss, val_accuracy or a history key ({sorted(history)})."
     )
 
@@ -111,7 +112,7 @@ def _group(runs) -> dict[str, list]:
         return {str(k): list(v) if isinstance(v, (list, tuple)) else [v] for k, v in runs.items()}
     groups: dict[str, list] = {}
     for r in runs:
-        groups.setdefault(str(_get(r, "run_name")), []).append(r)
+        groups.setdefault(str(field(r, "run_name")), []).append(r)
     return groups
 
 
@@ -157,7 +158,7 @@ def plot_learning_curves(
 
 
 def _percentile_rows(tracker) -> tuple[np.ndarray, np.ndarray, list]:
-    steps, values, pct = (_get(tracker, k) for k in ("steps", "values", "percentiles"))
+    steps, values, pct = (field(tracker, k) for k in ("steps", "values", "percentiles"))
     return np.asarray(steps), np.asarray(values, dtype=float).reshape(-1, len(pct)), list(pct)
 
 
@@ -277,7 +278,7 @@ def plot_moving_stats(tracker, name: str | None = None, title: str | None = None
         name: save the figure through :func:`save` under this name.
         title: figure title.
     """
-    steps, stats = _get(tracker, "steps"), _get(tracker, "stats")
+    steps, stats = field(tracker, "steps"), field(tracker, "stats")
     if not stats:
         raise ValueError("The tracker recorded nothing; train with it as a callback first.")
     axes = _subplots(ncols=2)

@@ -143,3 +143,39 @@ def test_tracker_records_round_trip_through_json_and_settings_fingerprint(xy):
     other_batch = ActivationPercentiles("bn1", xy[0][50:100], every=4)
     assert other_batch.fingerprint() != pct.fingerprint(), "the fixed batch counts by digest"
     assert ActivationPercentiles("bn1", xy[0][:50], every=5).fingerprint() != pct.fingerprint()
+
+
+def test_accuracy_tracker_measures_in_inference_mode(xy):
+    from bnutils.callbacks import AccuracyTracker
+
+    x, y = xy
+    model = mlp(bn=True)
+    tracker = AccuracyTracker({"train": (x[:200], y[:200]), "val": (x[200:], y[200:])}, every=4)
+    fit(model, xy, [tracker], epochs=2)  # 8 steps an epoch: records at steps 0, 4, ..., 16
+    assert tracker.steps == [0, 4, 8, 12, 16]
+    for name, (xs, ys) in (("train", (x[:200], y[:200])), ("val", (x[200:], y[200:]))):
+        assert len(tracker.accuracy[name]) == 5
+        predicted = model.predict(xs, verbose=0).argmax(axis=-1)  # inference mode
+        assert tracker.accuracy[name][-1] == pytest.approx((predicted == ys).mean())
+    assert tracker.seconds[0] == 0 and np.all(np.diff(tracker.seconds) > 0)
+    saved = tracker.to_dict()
+    again = AccuracyTracker({"train": (x[:200], y[:200]), "val": (x[200:], y[200:])}, every=4)
+    again.load_dict(saved)
+    assert again.accuracy == tracker.accuracy and again.steps == tracker.steps
+    assert again.seconds == tracker.seconds
+
+
+@pytest.mark.parametrize(
+    "sets, match",
+    [
+        ({}, "non-empty dict"),
+        ({"val": np.zeros((4, 8))}, "must be a pair"),
+        ({"val": (np.zeros((4, 8)), np.zeros(3, "int32"))}, "as many integer labels"),
+        ({"val": (np.zeros((4, 8)), np.zeros(4, "float32"))}, "as many integer labels"),
+    ],
+)
+def test_accuracy_tracker_refuses_bad_sets(sets, match):
+    from bnutils.callbacks import AccuracyTracker
+
+    with pytest.raises(ValueError, match=match):
+        AccuracyTracker(sets)

@@ -127,3 +127,26 @@ def test_tables():
     assert "| 0.0003 |" in str(make_table([{"lr": 3e-4}])), "3e-4 must not print as 0.000"
     assert make_table([{"a": 1, "b": 2}], columns=["b", "a"]).columns == ["b", "a"]
     assert repr(t) == str(t) and "Table(rows=" not in repr(t), "a cell's text output is the table"
+
+
+def test_claims_audit_renders_verdicts_both_evaluations_sentences_and_rates():
+    audit = {
+        "rows": [
+            {"claim": "c", "experiment": "e", "measured": "+0.1 [+0.0, +0.2]", "verdict": "v"}
+        ],
+        "accuracy": [{"model": "MLP", "evaluation": "BN, precise BN", "test accuracy": 0.86}],
+        "sentences": ["Convergence, MLP: with BN the target took -1.00 epochs."],
+        "learning_rates": {"mlp BN": {"best": 0.1, "grid": [0.0316, 31.6], "seeds": 5}},
+        "training_seconds": 1200.0,
+        "runs": 190,
+        "run_cpu_flags": ["avx2, fma"],
+    }
+    text = _tool()._render_claims_audit(audit)
+    assert "| c | e | +0.1 [+0.0, +0.2] | v |" in text
+    assert "| MLP | BN, precise BN | 0.860 |" in text
+    assert "- Convergence, MLP: with BN the target took -1.00 epochs." in text
+    assert "mlp BN: 0.1 (grid 0.0316 to 31.6, 5 seeds)" in text
+    assert (
+        "190 runs, 20.0 min of training (CPU flags of the machine that trained them: avx2, fma)"
+        in text
+    )

@@ -40,9 +40,7 @@ NAV_MARK = "<!-- nav -->"
 # Executed before the runner recorded provenance: their outputs cannot be checked against their
 # cells. A notebook leaves this set when the runner executes it; the check fails on a notebook
 # that is in the set and has provenance, or that has none and is not in the set.
-LEGACY = {
-    "05_evaluate.ipynb",
-}
+LEGACY: set[str] = set()
 
 
 def notebooks() -> list[Path]:

@@ -67,6 +67,30 @@ def _render_rows(d) -> str:
     return table + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "") + "\n"
 
 
+def _render_claims_audit(d) -> str:
+    """The verdicts, test accuracy with both evaluations, one sentence per verdict, the rates."""
+    out = [_render_rows(d)]
+    if d.get("accuracy"):
+        out.append("\n" + make_table(d["accuracy"]).to_markdown() + "\n")
+    if d.get("sentences"):
+        out.append("\n" + "\n".join(f"- {line}" for line in d["sentences"]) + "\n")
+    rates = d.get("learning_rates", {})
+    if rates:
+        chosen = "; ".join(
+            f"{name}: {r['best']:g} (grid {r['grid'][0]:g} to {r['grid'][-1]:g}, "
+            f"{r['seeds']} seed{'s' * (r['seeds'] > 1)})"
+            for name, r in rates.items()
+        )
+        out.append(f"- Best learning rates on validation accuracy: {chosen}.\n")
+    if "training_seconds" in d:
+        flags = "; ".join(d.get("run_cpu_flags") or ["?"])
+        out.append(
+            f"- {d.get('runs', '?')} runs, {d['training_seconds'] / 60:.1f} min of training "
+            f"(CPU flags of the machine that trained them: {flags}).\n"
+        )
+    return "".join(out)
+
+
 def _render_time_to_accuracy(d) -> str:
     """The rows, plus what the per-run records say: seconds per epoch and epoch-1 accuracy."""
     out = _render_rows(d)
@@ -155,7 +179,7 @@ _SECTIONS = [
     (
         "claims_audit.json",
         "With vs without BN: test accuracy and the claims audit (notebook 05)",
-        _render_rows,
+        _render_claims_audit,
     ),
     (
         "bench_time_to_accuracy.json",
@@ -197,12 +221,18 @@ FIGURES = [
     ),
     (
         "05_test_accuracy.png",
-        "Test accuracy over seeds, MLP and CNN, with and without BN (notebook 05)",
+        "Test accuracy per seed, MLP and CNN each at its best learning rate: no BN, BN with its "
+        "moving averages, BN after precise BN; mean and 95% interval in black (notebook 05)",
     ),
-    ("05_cnn_curves_seeds.png", "CNN learning curves, mean and spread over seeds (notebook 05)"),
+    (
+        "05_cnn_curves_seeds.png",
+        "CNN learning curves at each model's best learning rate, mean and spread over seeds "
+        "(notebook 05)",
+    ),
     (
         "05_lr_range.png",
-        "Sigmoid MLP: accuracy over SGD learning rates, with and without BN (notebook 05)",
+        "Validation accuracy over learning rates, each model with and without BN: the sigmoid "
+        "MLP (SGD, 5 seeds) and the small CNN (SGD with momentum, 1 seed) (notebook 05)",
     ),
     (
         "06_learning_rate.png",
