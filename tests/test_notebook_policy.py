@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import nbformat
@@ -107,12 +108,16 @@ def test_runner_records_provenance_and_the_check_sees_every_edit(tmp_path, monke
             "from bnutils._util import log_line\n\nlog_line('run tiny-0123: from its record')"
         ),
         nbformat.v4.new_code_cell("print(6 * 7)"),
+        nbformat.v4.new_code_cell("import sys\n\nprint('kernel stderr', file=sys.__stderr__)"),
     ]
     path = tmp_path / "T1_tiny.ipynb"
     nbformat.write(nb, path)
     tool.run([str(path)])
     out = capsys.readouterr().out
     assert "T1_tiny.ipynb: done in" in out and "(1 runs from records, 0 trained)" in out
+    results = os.environ["BNUTILS_RESULTS"]  # conftest: a temporary folder
+    kernel_log = Path(results) / "logs" / "kernel-T1_tiny.log"  # the kernel's own stderr
+    assert "kernel stderr" in kernel_log.read_text() and "kernel stderr" not in out
     ran = nbformat.read(path, as_version=4)
     meta = ran.metadata["bnutils"]
     assert meta["package"] == tool.package_hash() and meta["profile"] == "full"

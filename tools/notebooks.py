@@ -8,7 +8,8 @@
 what has no record; ``--fresh`` retrains every run recorded before the fresh job started, and
 a stopped fresh job started again resumes (the start time is kept in
 ``results/runs/.refresh-since`` until the job ends). Each finished run writes a line to the
-job log ``results/logs/run.log``, which the runner echoes.
+job log ``results/logs/run.log``, which the runner echoes; the kernel's own stderr
+(TensorFlow's C++ log lines) goes to ``results/logs/kernel-NAME.log``, not to the terminal.
 
 Output policy: the committed notebooks carry the outputs of a run in the *full* profile
 (metadata ``bnutils.profile == "full"``), every code cell has been executed in order, and
@@ -212,8 +213,9 @@ def run(names: list[str]) -> None:
             nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(p.parent)}}
         )
         expected = (before.get("runs") or {}).get("total")
-        with _LogEcho(log_path, expected) as echo:
-            client.execute()
+        kernel_log = log_path.parent / f"kernel-{p.stem}.log"  # TensorFlow's C++ and oneDNN lines
+        with _LogEcho(log_path, expected) as echo, open(kernel_log, "w") as stderr:
+            client.execute(stderr=stderr)
         seconds = time.perf_counter() - echo.start
         _drop_log_noise(nb)
         nbformat.write(nb, p)
