@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from bnutils._graph import walk_layers
-from bnutils._util import check_positive_int
+from bnutils._util import check_positive_int, model_outputs
 from bnutils.cache import describe
 
 __all__ = ["AccuracyTracker", "ActivationPercentiles", "MovingStatsTracker", "Tracker"]
@@ -333,9 +333,5 @@ class AccuracyTracker(Tracker):
     def record(self, step: int) -> None:
         self.seconds.append(self._train_seconds)
         for key, (x, y) in self.sets.items():
-            correct = 0
-            for start in range(0, len(x), self.batch_size):
-                out = self.model(x[start : start + self.batch_size], training=False)
-                predicted = np.argmax(keras.ops.convert_to_numpy(out), axis=-1)
-                correct += int((predicted == y[start : start + self.batch_size]).sum())
-            self.accuracy.setdefault(key, []).append(correct / len(x))
+            predicted = model_outputs(self.model, x, False, self.batch_size).argmax(axis=-1)
+            self.accuracy.setdefault(key, []).append(float(np.mean(predicted == y)))
