@@ -24,9 +24,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process only
 
 
+class _Parser(argparse.ArgumentParser):
+    """Sets ``BNUTILS_PROFILE=quick`` when ``--quick`` is given, so that the package's run
+    records and results of a quick run go to ``results/quick/`` as well, never among the full
+    runs' records."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if getattr(parsed, "quick", False):
+            os.environ["BNUTILS_PROFILE"] = "quick"
+        return parsed
+
+
 def parser(doc: str, output: bool = True) -> argparse.ArgumentParser:
-    """An argument parser described by ``doc``'s first line, with ``--quick`` and ``--output``."""
-    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    """An argument parser described by ``doc``'s first line, with ``--quick`` (which sets
+    ``BNUTILS_PROFILE=quick`` for the whole process) and ``--output``."""
+    p = _Parser(description=doc.strip().splitlines()[0])
     p.add_argument(
         "--quick", action="store_true", help="quick profile (the same as BNUTILS_PROFILE=quick)"
     )

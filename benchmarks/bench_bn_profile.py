@@ -20,7 +20,19 @@ Categories: ``conv fwd``/``conv bwd`` (``Conv2D`` and its two backprop ops), ``B
 (every other op in a BN layer's scope: Keras's moments and normalization, the fused layer's
 moving-average update and Bessel correction), ``bias add`` (``BiasAdd``, ``BiasAddGrad``),
 ``ReLU`` (``Relu``, ``ReluGrad``), ``pooling``, ``optimizer`` and ``other``. The report records
-the CPU flags and ``TF_ENABLE_ONEDNN_OPTS``; it goes to ``results/bench_bn_profile.json``.
+the CPU flags and ``TF_ENABLE_ONEDNN_OPTS``, the share of op time in ``other``, and one
+event name per op type seen with its category (``trace_ops``: the real names that
+``tests/test_benchmark_scripts.py`` checks the categories on).
+
+Then BN's memory floor (``_floor.py``): at the shapes of the fused variant's BN inputs, bias
+add + ReLU, ReLU, the fused kernel, fused BN + ReLU, Keras BN + ReLU and a copy, each forward
+and backward alone, with the passes each makes over the activations and the bandwidth it
+reaches; and the floor of BN's extra time (its extra passes at that bandwidth) beside the
+measured extra step time. ``remapper`` says whether TensorFlow fused BN + ReLU into one kernel
+(``FusedBatchNormEx`` forward, ``FusedBatchNormGradEx`` backward) in the traced steps.
+
+The report goes to ``results/bench_bn_profile.json``; with ``TF_ENABLE_ONEDNN_OPTS=0`` (plain
+TensorFlow kernels) run it with ``--output results/bench_bn_profile_onednn_off.json``.
 """
 
 from __future__ import annotations
@@ -33,13 +45,14 @@ import statistics
 import sys
 import tempfile
 
+import _floor
 import _harness
 import bench_bn_layers
 
 VARIANTS = ("none", "keras", "fused")
 SETTINGS = {
-    "full": {"batch_size": 128, "steps": 15, "repeats": 3},
-    "quick": {"batch_size": 128, "steps": 3, "repeats": 1},
+    "full": {"batch_size": 128, "steps": 15, "repeats": 3, "floor_calls": 10},
+    "quick": {"batch_size": 128, "steps": 3, "repeats": 1, "floor_calls": 2},
 }
 CATEGORIES = (
     "conv fwd",
@@ -86,8 +99,11 @@ def categorize(name: str) -> str | None:
     return "other"
 
 
-def op_times(logdir: str) -> dict[str, float]:
-    """Milliseconds of op time per category in the trace under ``logdir`` (compute threads)."""
+def op_times(logdir: str, seen: dict | None = None) -> dict[str, float]:
+    """Milliseconds of op time per category in the trace under ``logdir`` (compute threads).
+
+    ``seen``, if given, collects one event name per op type and category: ``{name: category}``.
+    """
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     files = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
@@ -103,9 +119,13 @@ def op_times(logdir: str) -> dict[str, float]:
                 if not line.name.startswith("tf_Compute"):
                     continue
                 for event in line.events:
-                    category = categorize(plane.event_metadata[event.metadata_id].name)
-                    if category is not None:
-                        totals[category] += event.duration_ps / 1e9
+                    name = plane.event_metadata[event.metadata_id].name
+                    category = categorize(name)
+                    if category is None:
+                        continue
+                    totals[category] += event.duration_ps / 1e9
+                    if seen is not None:
+                        seen.setdefault((name.rsplit(":", 1)[-1], category), name)
     return {c: totals.get(c, 0.0) for c in CATEGORIES}
 
 
@@ -156,7 +176,7 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
         for v, times in _harness.interleaved(loops, repeats=cfg["repeats"])["wall"].items()
     }
     _harness.log("step ms " + ", ".join(f"{v} {statistics.median(wall[v]):.1f}" for v in VARIANTS))
-    ops = {v: [] for v in VARIANTS}
+    ops, seen = {v: [] for v in VARIANTS}, {}
     for r in range(cfg["repeats"]):
         for variant in _harness.rotated(list(VARIANTS), r):
             with tempfile.TemporaryDirectory() as logdir:
@@ -165,7 +185,7 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
                     models[variant].fit(data, epochs=1, verbose=0)
                 finally:
                     tf.profiler.experimental.stop()
-                ops[variant].append({c: t / steps for c, t in op_times(logdir).items()})
+                ops[variant].append({c: t / steps for c, t in op_times(logdir, seen).items()})
         _harness.log(f"profiled repeat {r + 1}/{cfg['repeats']}")
 
     breakdown = {
@@ -188,12 +208,41 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
         for v in VARIANTS
         if v != "none"
     }
+    types = {op_type for op_type, _ in seen}
+    fused_forward = any("FusedBatchNormEx" in t for t in types)
+    shapes = _floor.bn_input_shapes(models["fused"], batch)
+    floor = _floor.measure(shapes, cfg["repeats"], cfg["floor_calls"], fused_forward)
+    _harness.log("floor measured")
+    step_extra = statistics.median(wall["fused"]) - statistics.median(wall["none"])
+    floor["fused step minus none step, ms"] = round(step_extra, 2)
+    floor["share of the no-BN step the floor allows"] = round(
+        floor["floor of the extra, ms (extra passes x bytes / bandwidth)"]
+        / statistics.median(wall["none"]),
+        3,
+    )
+    total_none = sum(breakdown["none"].values())
+    other = {v: breakdown[v]["other"] / sum(breakdown[v].values()) for v in VARIANTS}
     return {
         "settings": {**cfg, "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")},
         "rows": rows,
         "op_ms_per_step": breakdown,
         "op_ms_vs_none": extra,
         "step_ms": wall,
+        "other_share": {v: round(other[v], 3) for v in VARIANTS},
+        "floor": floor,
+        "remapper": {
+            "BN + ReLU forward fused (FusedBatchNormEx)": any(
+                "FusedBatchNormEx" in t for t in types
+            ),
+            "BN + ReLU backward fused (FusedBatchNormGradEx)": any(
+                "FusedBatchNormGradEx" in t for t in types
+            ),
+        },
+        "trace_ops": [
+            {"type": op_type, "category": category, "example": name}
+            for (op_type, category), name in sorted(seen.items())
+        ],
+        "no-BN op ms per step": round(total_none, 1),
         "notes": [
             "Op times are sums over the two compute threads, which overlap; compare them "
             "between variants, not with the wall time. Step ratios are medians of per-repeat "
@@ -220,6 +269,18 @@ def _print_report(report: dict) -> None:
         values = [report["op_ms_per_step"][v][c] for v in VARIANTS]
         extra = " ".join(f"{report['op_ms_vs_none'][v][c]:+7.1f}" for v in report["op_ms_vs_none"])
         _harness.log(f"{c:<14}" + "".join(f"{t:9.1f}" for t in values) + f"  {extra}")
+    _harness.log("'other' share of op time: " + str(report["other_share"]))
+    floor = report["floor"]
+    _harness.log(f"\nalone, at the BN layers' shapes ({floor['MB per pass']} MB per pass):")
+    for row in floor["rows"]:
+        _harness.log(
+            f"{row['candidate']:<16} {row['ms fwd+bwd']:7.2f} ms  {row['passes']:2d} passes  "
+            f"{row['GB/s']:6.1f} GB/s"
+        )
+    for key, value in floor.items():
+        if key not in ("rows", "shapes"):
+            _harness.log(f"{key}: {value}")
+    _harness.log(f"remapper: {report['remapper']}")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import types
 
@@ -28,11 +29,6 @@ def _load(name):
 
 
 @pytest.fixture(scope="module")
-def bench():
-    return _load("bench_time_to_accuracy")
-
-
-@pytest.fixture(scope="module")
 def tiny():
     rng = np.random.default_rng(0)
     x = rng.random((64, 28, 28, 1), dtype=np.float32)
@@ -40,145 +36,146 @@ def tiny():
     return types.SimpleNamespace(x_train=x[:48], y_train=y[:48], x_test=x[48:], y_test=y[48:])
 
 
-def test_variants_differ_only_in_their_bn_layers(bench):
-    kinds = {}
-    for variant in bench.VARIANTS:
-        model = bench.build(variant, seed=0)
-        kinds[variant] = {
-            type(la) for la in model.layers if isinstance(la, keras.layers.BatchNormalization)
-        }
-    assert kinds == {
-        "none": set(),
-        "fused": {FusedBatchNormalization},
-        "keras": {keras.layers.BatchNormalization},
-    }
-    with pytest.raises(ValueError, match="Unknown variant 'ghost'"):
-        bench.build("ghost", seed=0)
+def test_one_cycle_warms_up_to_its_peak_then_decays_to_nearly_zero():
+    recipe = _load("_recipe")
+    schedule = recipe.OneCycle(0.4, steps=100, warmup=0.25)
+    lr = [float(schedule(step)) for step in range(101)]
+    assert lr[0] == pytest.approx(0.4 / 25) and lr[25] == pytest.approx(0.4)
+    assert all(a < b for a, b in zip(lr[:25], lr[1:26], strict=True))  # rising
+    assert all(a > b for a, b in zip(lr[25:100], lr[26:101], strict=True))  # falling
+    assert lr[100] == pytest.approx(0.4 / 1e4)
+    assert recipe.OneCycle(**schedule.get_config()).get_config() == schedule.get_config()
+    with pytest.raises(ValueError, match="received peak=0"):
+        recipe.OneCycle(0, steps=10)
 
 
-@pytest.mark.slow
-def test_a_run_stops_when_it_reaches_the_target(bench, tiny):
-    one_class = types.SimpleNamespace(
-        x_train=tiny.x_train,
-        y_train=np.zeros(48, int),
-        x_test=tiny.x_test,
-        y_test=np.zeros(16, int),
+def test_smoothed_crossentropy_is_keras_label_smoothing_on_integer_labels():
+    recipe = _load("_recipe")
+    rng = np.random.default_rng(0)
+    probs = keras.ops.softmax(rng.normal(size=(8, 10)).astype("float32"))
+    labels = rng.integers(0, 10, 8)
+    expected = keras.losses.CategoricalCrossentropy(label_smoothing=0.1)(
+        keras.ops.one_hot(labels, 10), probs
     )
-    r = bench.time_to_target(
-        "none", 1e-2, one_class, target=0.5, max_epochs=3, batch_size=16, seed=0
+    got = recipe.SmoothedCrossentropy(0.1)(labels.reshape(-1, 1), probs)
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+    plain = recipe.SmoothedCrossentropy(0.0)(labels, probs)
+    sparse = keras.losses.SparseCategoricalCrossentropy()(labels, probs)
+    assert float(plain) == pytest.approx(float(sparse), rel=1e-5)
+
+
+def test_the_recipes_twins_differ_only_in_bn_and_the_flip_tta_averages_mirror_images():
+    recipe = _load("_recipe")
+    with_bn, without = recipe.build(True, 0.4, 10), recipe.build(False, 0.1, 10)
+    bns = {type(la) for la in with_bn.layers if isinstance(la, keras.layers.BatchNormalization)}
+    assert bns == {FusedBatchNormalization}
+    assert not any(isinstance(la, keras.layers.BatchNormalization) for la in without.layers)
+
+    def convs(m):
+        return [
+            (la.filters, la.kernel_size, la.strides)
+            for la in m.layers
+            if "Conv" in type(la).__name__
+        ]
+
+    assert convs(with_bn) == convs(without)
+    # a "model" that sees only the left half: mirroring changes its answer
+    inputs = keras.Input((28, 28, 1))
+    left = keras.layers.Cropping2D(((0, 0), (0, 14)))(inputs)
+    flat = keras.layers.Flatten()(left)
+    out = keras.layers.Dense(10, activation="softmax")(flat)
+    model = keras.Model(inputs, out)
+    rng = np.random.default_rng(1)
+    data = types.SimpleNamespace(
+        x_test=rng.random((32, 28, 28, 1), dtype=np.float32), y_test=rng.integers(0, 10, 32)
     )
-    assert r["reached"] and r["stopped"] == "reached" and r["epoch"] == 1
-    assert r["seconds"] == r["train_seconds"][0] > 0
+    got = recipe.test_accuracy(model, data)
+    p = model.predict(data.x_test, verbose=0) + model.predict(data.x_test[:, :, ::-1], verbose=0)
+    assert got["test_accuracy_flip_tta"] == np.mean(p.argmax(-1) == data.y_test)
 
 
-@pytest.mark.slow
-def test_a_run_slower_than_the_best_so_far_gives_up(bench, tiny):
-    r = bench.time_to_target(
-        "fused", 1e-3, tiny, target=0.99, max_epochs=3, batch_size=16, seed=0, give_up_after=0.0
-    )
-    assert r["stopped"] == "slower than best" and not r["reached"]
-    assert len(r["test_accuracy"]) == 1 and r["seconds"] is None
-
-
-def _run(variant, lr, accs, secs, reached):
-    return {
-        "variant": variant,
-        "lr": lr,
-        "test_accuracy": accs,
-        "train_seconds": secs,
-        "reached": reached,
-        "epoch": len(accs) if reached else None,
-        "seconds": secs[-1] if reached else None,
-        "seconds_per_epoch": secs[-1] / len(secs),
-    }
-
-
-def test_each_variant_is_scored_at_its_fastest_learning_rate(bench):
-    runs = [
-        _run("none", 1e-3, [0.85, 0.91], [40.0, 80.0], True),
-        _run("none", 3e-3, [0.86, 0.90, 0.91], [40.0, 80.0, 120.0], True),
-        _run("fused", 1e-3, [0.89, 0.90], [45.0, 90.0], False),
-        _run("fused", 3e-3, [0.91], [44.0], True),
-        _run("keras", 1e-3, [0.80, 0.88], [60.0, 120.0], False),
-    ]
-    rows = {r["variant"]: r for r in bench.summarize(runs, ("none", "fused", "keras"))}
-    assert rows["none"]["best lr"] == 1e-3 and rows["none"]["seconds"] == 80.0
-    assert rows["fused"]["best lr"] == 3e-3 and rows["fused"]["seconds vs no BN"] == 0.55
-    # nothing reached: the best final accuracy stands in, and no ratio is claimed
-    assert rows["keras"]["reached"] is False and rows["keras"]["seconds vs no BN"] is None
-    assert rows["keras"]["final test accuracy"] == 0.88
-
-
-@pytest.mark.slow
-def test_time_budget_stops_before_an_epoch_that_would_overrun(tiny):
+def test_best_accuracy_reuses_the_plan_saved_for_the_same_profile_and_budget(tmp_path):
     best = _load("bench_best_accuracy")
-    model = best.builder()
-    assert any(isinstance(la, FusedBatchNormalization) for la in model.layers)
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    budget = best.TimeBudget(0.0)
-    hist = model.fit(
-        tiny.x_train, tiny.y_train, epochs=3, batch_size=16, verbose=0, callbacks=[budget]
-    )
-    assert len(hist.history["loss"]) == 1 and budget.stopped_early
-    # epochs of 10 s on a fake clock, budget 25 s: stop after the 2nd epoch, not in a 3rd
-    ticks = iter([0.0, 0.0, 10.0, 10.0, 20.0, 20.0, 30.0])
-    budget = best.TimeBudget(25.0, clock=lambda: next(ticks))
-    budget.set_model(types.SimpleNamespace(stop_training=False))
-    budget.on_train_begin()
-    for epoch in range(3):
-        budget.on_epoch_begin(epoch)
-        budget.on_epoch_end(epoch)
-        if budget.model.stop_training:
-            break
-    assert epoch == 1 and budget.stopped_early
-    roomy = best.TimeBudget(3600.0)
-    hist = model.fit(
-        tiny.x_train, tiny.y_train, epochs=2, batch_size=16, verbose=0, callbacks=[roomy]
-    )
-    assert len(hist.history["loss"]) == 2 and not roomy.stopped_early
+    path = tmp_path / "bench_best_accuracy.json"
+    rows = [{"model": "bn", "planned epochs": 8}, {"model": "plain", "planned epochs": 9}]
+    path.write_text(json.dumps({"profile": "full", "settings": {"budget_s": 1200}, "rows": rows}))
+    assert best.saved_plan(path, "plain", "full", 1200) == 9
+    assert best.saved_plan(path, "bn", "quick", 1200) is None  # another profile
+    assert best.saved_plan(path, "bn", "full", 600) is None  # another budget
+    assert best.saved_plan(tmp_path / "missing.json", "bn", "full", 1200) is None
 
 
-def test_each_variant_gives_up_against_its_own_best_time(bench, monkeypatch):
-    """run(): a variant's later runs stop at the best time that variant already reached."""
-    seen = []
+@pytest.fixture(scope="module")
+def tta():
+    return _load("bench_time_to_accuracy")
 
-    def fake(variant, lr, ds, target, max_epochs, batch_size, seed, give_up_after):
-        seen.append((variant, lr, give_up_after))
-        secs = {
-            ("none", 1e-3): 80.0,
-            ("fused", 1e-3): 30.0,
-            ("none", 3e-3): 70.0,
-            ("fused", 3e-3): 40.0,
-        }[variant, lr]
-        return _run(variant, lr, [target], [secs], True)
 
-    monkeypatch.setattr(bench, "time_to_target", fake)
-    monkeypatch.setattr(bench, "warm_up", lambda *a, **k: None)
-    import bnutils
+@pytest.mark.slow
+def test_time_to_target_stops_at_the_target_or_when_slower_than_the_best(tta, tiny):
+    def fit(target, give_up):
+        tracker = tta.TimeToTarget({"test": (tiny.x_test, tiny.y_test)}, target, give_up, every=1)
+        model = keras.Sequential(
+            [
+                keras.Input((28, 28, 1)),
+                keras.layers.Flatten(),
+                keras.layers.Dense(10, activation="softmax"),
+            ]
+        )
+        model.compile("sgd", "sparse_categorical_crossentropy")
+        model.fit(
+            tiny.x_train, tiny.y_train, batch_size=8, epochs=3, verbose=0, callbacks=[tracker]
+        )
+        return tracker
 
-    tiny_ds = types.SimpleNamespace(summary=lambda: "tiny")
-    fake_ds = types.SimpleNamespace(subset=lambda *a: tiny_ds)
-    monkeypatch.setattr(bnutils, "load_dataset", lambda **k: fake_ds)
-    report = bench.run(quick=True, variants=("none", "fused"), lrs=[1e-3, 3e-3])
-    assert seen == [
-        ("none", 1e-3, float("inf")),
-        ("fused", 1e-3, float("inf")),
-        ("fused", 3e-3, 30.0),
-        ("none", 3e-3, 80.0),
+    reached = fit(0.0, None)  # any accuracy reaches 0: stop at the first record after step 0
+    assert reached.steps == [0, 1] and reached.reached() == (0, 0.0)
+    late = fit(1.01, 0.0)  # unreachable, and any time is slower than 0 s
+    assert late.steps == [0, 1] and late.reached() is None
+    full = fit(1.01, None)
+    assert full.steps[-1] == 18  # 6 steps x 3 epochs, never stopped
+
+
+def _row(model, epochs, rate, seconds, accuracy=0.9):
+    return {
+        "model": model,
+        "group": {"resnet_bn": "BN"}.get(model, "no BN"),
+        "schedule epochs": epochs,
+        "rate": rate,
+        "seconds": seconds,
+        "epochs": None if seconds is None else epochs,
+        "best test accuracy": accuracy,
+        "seconds per epoch": 100.0,
+    }
+
+
+def test_each_model_is_scored_at_its_fastest_point_and_groups_compared(tta):
+    runs = [
+        _row("cnn_adam", 5, 3e-3, 300.0),
+        _row("cnn_adam", 5, 1e-3, None, 0.905),
+        _row("resnet", 2, 0.1, 250.0),
+        _row("resnet_bn", 1, 0.4, None, 0.89),
+        _row("resnet_bn", 2, 0.4, 200.0),
+        _row("resnet_bn", 2, 0.8, 180.0),
     ]
-    rows = {r["variant"]: r for r in report["rows"]}
-    assert rows["none"]["seconds"] == 70.0 and rows["fused"]["seconds"] == 30.0
-    assert rows["fused"]["seconds vs no BN"] == round(30 / 70, 3)
+    rows = {r["model"]: r for r in tta.summarize(runs)}
+    assert rows["resnet_bn"]["rate"] == 0.8 and rows["resnet"]["seconds"] == 250.0
+    assert rows["BN vs no BN"]["seconds"] == round(180 / 250, 3)
+    nothing = tta.summarize([_row("resnet_bn", 1, 0.4, None, 0.8), _row("resnet", 2, 0.1, 90.0)])
+    assert nothing[-1]["seconds"] is None and nothing[0]["best test accuracy"] == 0.8
 
 
-def test_the_result_file_records_the_command_line_it_was_run_with(bench, monkeypatch, tmp_path):
-    """main() writes the arguments it was given, not the test runner's sys.argv."""
+def test_the_grid_runs_short_schedules_first_and_gives_up_against_its_groups_best(
+    tta, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("BNUTILS_PROFILE", "full")  # --quick sets it to quick for the process
+    seen = []
+    secs = {("resnet_bn", 1): None, ("resnet_bn", 2): 200.0, ("resnet", 2): 260.0}
 
-    def fake(variant, lr, ds, target, max_epochs, batch_size, seed, give_up_after):
-        return _run(variant, lr, [target], [10.0], True)
+    def fake(model, rate, epochs, ds, cfg, seed, give_up_after=None):
+        seen.append((model, epochs, rate, give_up_after))
+        return _row(model, epochs, rate, secs.get((model, epochs), 300.0))
 
-    monkeypatch.setattr(bench, "time_to_target", fake)
-    monkeypatch.setattr(bench, "warm_up", lambda *a, **k: None)
+    monkeypatch.setattr(tta, "time_to_target", fake)
     import bnutils
 
     tiny_ds = types.SimpleNamespace(summary=lambda: "tiny")
@@ -186,19 +183,25 @@ def test_the_result_file_records_the_command_line_it_was_run_with(bench, monkeyp
         bnutils, "load_dataset", lambda **k: types.SimpleNamespace(subset=lambda *a: tiny_ds)
     )
     out = tmp_path / "tta.json"
-    report = bench.main(["--quick", "--lrs", "0.001", "--output", str(out)])
+    report = tta.main(["--quick", "--output", str(out)])
+    # quick grids: resnet_bn 1 and 2 epochs, resnet 2, cnn_adam 2; one rate each
+    assert seen == [
+        ("resnet_bn", 1, 0.4, None),
+        ("resnet", 2, 0.05, None),  # 2 epochs: the models in rotated order
+        ("cnn_adam", 2, 3e-3, 260.0),  # against the no-BN group's best so far
+        ("resnet_bn", 2, 0.4, None),
+    ]
+    assert report["rows"][-1]["seconds"] == round(200 / 260, 3)
     saved = json.loads(out.read_text())
     assert saved["command"] == [
         "python",
         "benchmarks/bench_time_to_accuracy.py",
         "--quick",
-        "--lrs",
-        "0.001",
         "--output",
         str(out),
     ]
     assert saved["profile"] == "quick" and saved["rows"] == report["rows"]
-    assert {"name", "date", "machine", "versions"} <= set(saved)
+    assert os.environ["BNUTILS_PROFILE"] == "quick"  # the package's records follow --quick
 
 
 def test_harness_interleaves_in_rotating_order_and_follows_the_profile(monkeypatch, tmp_path):
@@ -254,3 +257,64 @@ def test_profile_breakdown_sorts_trace_events_by_what_they_compute():
     }
     assert {name: prof.categorize(name) for name in cases} == cases
     assert set(cases.values()) - {None} <= set(prof.CATEGORIES)
+
+
+def test_the_floor_times_every_candidate_it_counts_passes_for():
+    floor = _load("_floor")
+    report = floor.measure([(4, 6, 6, 3), (4, 3, 3, 5)], repeats=1, calls=1)
+    rows = {r["candidate"]: r for r in report["rows"]}
+    assert set(rows) == set(floor.PASSES)
+    assert all(r["ms fwd+bwd"] > 0 and r["GB/s"] >= 0 for r in rows.values())
+    assert report["activations"] == 4 * 6 * 6 * 3 + 4 * 3 * 3 * 5
+    assert (
+        report["extra passes"] == floor.PASSES["fused BN + ReLU"] - floor.PASSES["bias add + ReLU"]
+    )
+    cnn = _load("bench_bn_layers").build_cnn("fused")
+    assert floor.bn_input_shapes(cnn, 128) == [
+        (128, 28, 28, 32),
+        (128, 28, 28, 32),
+        (128, 14, 14, 64),
+        (128, 14, 14, 64),
+        (128, 7, 7, 128),
+    ]
+
+
+KERNEL_CATEGORIES = {
+    "Conv2D": "conv fwd",
+    "FusedConv2D": "conv fwd",
+    "Conv2DBackpropFilter": "conv bwd",
+    "Conv2DBackpropFilterWithBias": "conv bwd",
+    "Conv2DBackpropInput": "conv bwd",
+    "FusedBatchNormV3": "BN kernel fwd",
+    "FusedBatchNormEx": "BN kernel fwd",
+    "FusedBatchNormGradV3": "BN kernel bwd",
+    "BiasAdd": "bias add",
+    "BiasAddGrad": "bias add",
+    "Relu": "ReLU",
+    "ReluGrad": "ReLU",
+    "MaxPool": "pooling",
+    "MaxPoolGrad": "pooling",
+}
+
+
+@pytest.mark.parametrize("fname", ["bench_bn_profile.json", "bench_bn_profile_onednn_off.json"])
+def test_profile_categories_hold_on_op_names_recorded_from_real_traces(fname):
+    """The committed full runs of bench_bn_profile.py, with oneDNN (_MklNative* op types) and
+    without it (TF_ENABLE_ONEDNN_OPTS=0): each recorded op name is categorized as today's
+    code does, every kernel by what it computes, and "other" keeps at most 10% of op time."""
+    import re
+
+    prof = _load("bench_bn_profile")
+    report = json.loads((repo_root() / "results" / fname).read_text())
+    onednn = report["settings"]["TF_ENABLE_ONEDNN_OPTS"] != "0"
+    types = {op["type"] for op in report["trace_ops"]}
+    assert any(t.startswith("_Mkl") for t in types) == onednn
+    kernels = set()
+    for op in report["trace_ops"]:
+        assert prof.categorize(op["example"]) == op["category"], op
+        base = re.sub(r"^_Mkl(Native)?", "", op["type"])
+        if base in KERNEL_CATEGORIES:
+            kernels.add(base)
+            assert op["category"] == KERNEL_CATEGORIES[base], op
+    assert {"FusedBatchNormGradV3", "Conv2DBackpropInput"} <= kernels
+    assert max(report["other_share"].values()) <= 0.10, report["other_share"]

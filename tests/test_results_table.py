@@ -16,35 +16,21 @@ def _tool():
     return module
 
 
-def _tta(epochs_none, epochs_bn, reached_bn=True):
-    rows = [
-        {"variant": "none", "best lr": 1e-3, "reached": True, "epochs": epochs_none},
-        {"variant": "fused", "best lr": 1e-3, "reached": reached_bn, "epochs": epochs_bn},
-    ]
-    return {"rows": rows, "runs": []}
+def test_time_to_accuracy_lists_every_grid_point_after_the_best_ones():
+    run = {"model": "resnet", "schedule epochs": 2, "rate": 0.1, "seconds": 250.0}
+    d = {"rows": [{"model": "resnet", "seconds": 250.0}], "runs": [run, {**run, "rate": 0.05}]}
+    text = _tool()._render_time_to_accuracy(d)
+    assert "Every grid point" in text and "| resnet | 2 | 0.050 |" in text
 
 
-def test_equal_epochs_to_target_are_reported_as_a_per_epoch_ratio():
-    text = _tool()._render_time_to_accuracy(_tta(3, 3))
-    assert "Every variant reached the target in 3 epochs" in text
-
-
-def test_no_per_epoch_remark_when_epochs_differ_or_a_variant_missed_the_target():
-    tool = _tool()
-    assert "Every variant" not in tool._render_time_to_accuracy(_tta(3, 4))
-    assert "Every variant" not in tool._render_time_to_accuracy(_tta(3, 3, reached_bn=False))
-
-
-def _best(ran, planned):
-    return {"settings": {"epochs": planned}, "rows": [{"model": "m", "epochs": ran}]}
-
-
-def test_best_accuracy_reports_where_the_cosine_schedule_stood():
-    tool = _tool()
-    assert "after 6 of 20 planned epochs" in tool._render_best_accuracy(_best(6, 20))
-    assert "was then 79% of its start" in tool._render_best_accuracy(_best(6, 20))
-    assert "was then 50% of its start" in tool._render_best_accuracy(_best(10, 20))
-    assert "planned epochs" not in tool._render_best_accuracy(_best(20, 20))
+def test_best_accuracy_says_how_each_model_planned_its_epochs():
+    plans = {
+        "bn": {"planned epochs": 8, "probed epoch seconds": 127.6},
+        "plain": {"planned epochs": 9, "probed epoch seconds": None},
+    }
+    text = _tool()._render_best_accuracy({"settings": {"plans": plans}, "rows": [{"m": 1}]})
+    assert "- bn: 8 planned epochs, from a probe of 128 s per epoch" in text
+    assert "- plain: 9 planned epochs, as saved by the run that trained it" in text
 
 
 def test_source_line_reads_the_one_result_schema():

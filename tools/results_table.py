@@ -10,7 +10,6 @@ as "not yet measured" rather than invented.
 
 from __future__ import annotations
 
-import math
 import shlex
 import sys
 from pathlib import Path
@@ -92,50 +91,33 @@ def _render_claims_audit(d) -> str:
 
 
 def _render_time_to_accuracy(d) -> str:
-    """The rows, plus what the per-run records say: seconds per epoch and epoch-1 accuracy."""
+    """Each model at its fastest point and the ratio, then every grid point that ran."""
     out = _render_rows(d)
-    runs = {}
-    for r in d.get("runs", []):  # the run at each variant's best learning rate
-        best = next((row for row in d["rows"] if row["variant"] == r["variant"]), {})
-        if r["lr"] == best.get("best lr") and r["test_accuracy"]:
-            runs[r["variant"]] = r
-    base = runs.get("none")
-    if base:
-        parts = [
-            f"{v}: {r['seconds_per_epoch'] / base['seconds_per_epoch']:.2f}x no BN per "
-            f"epoch, test accuracy {r['test_accuracy'][0]:.3f} after epoch 1"
-            for v, r in runs.items()
-            if v != "none"
-        ]
-        out += (
-            f"- From the per-run records: no BN {base['test_accuracy'][0]:.3f} after epoch 1; "
-            + "; ".join(parts)
-            + ".\n"
-        )
-    epochs = {row["variant"]: row["epochs"] for row in d["rows"] if row.get("reached") is True}
-    if len(epochs) == len(d["rows"]) > 1 and len(set(epochs.values())) == 1:
-        out += (
-            f"- Every variant reached the target in {epochs.popitem()[1]} epochs at its best "
-            "learning rate, so the ratio of seconds is the ratio of cost per epoch.\n"
-        )
+    columns = ("model", "schedule epochs", "rate", "seconds", "best test accuracy", "stopped")
+    runs = [{k: r.get(k) for k in columns} for r in d.get("runs", [])]
+    if runs:
+        out += "\nEvery grid point, in the order it ran:\n\n" + make_table(runs).to_markdown()
+        out += "\n"
     return out
 
 
 def _render_best_accuracy(d) -> str:
-    """The rows, plus where the cosine schedule stood when the time budget stopped training."""
+    """The rows, plus how the epochs were planned."""
     out = _render_rows(d)
-    planned, ran = d["settings"]["epochs"], d["rows"][0]["epochs"]
-    if ran < planned:
-        frac = 0.5 * (1 + math.cos(math.pi * ran / planned))
-        out += (
-            f"- The budget stopped training after {ran} of {planned} planned epochs; the "
-            f"cosine-decayed learning rate was then {frac:.0%} of its start value.\n"
+    for model, plan in d.get("settings", {}).get("plans", {}).items():
+        probed = plan.get("probed epoch seconds")
+        how = (
+            f"from a probe of {probed:.0f} s per epoch (training and validation)"
+            if probed
+            else "as saved by the run that trained it"
         )
+        out += f"- {model}: {plan['planned epochs']} planned epochs, {how}.\n"
     return out
 
 
 def _render_bn_profile(d) -> str:
-    """Step time and ratio per variant, then op time per category and what BN adds to it."""
+    """Step time and ratio per variant, op time per category and what BN adds to it, the
+    share in "other", then BN's floor: the element-wise ops alone, their passes and bandwidth."""
     out = [_render_rows(d)]
     per, extra = d.get("op_ms_per_step", {}), d.get("op_ms_vs_none", {})
     if per:
@@ -146,6 +128,31 @@ def _render_bn_profile(d) -> str:
             row.update({f"{v} - none": round(extra[v][category], 1) for v in extra})
             rows.append(row)
         out.append("\n" + make_table(rows).to_markdown() + "\n")
+    if d.get("other_share"):
+        shares = ", ".join(f"{v} {share:.1%}" for v, share in d["other_share"].items())
+        out.append(f'\nShare of op time in "other": {shares}.\n')
+    floor = d.get("floor")
+    if floor:
+        out.append(
+            f"\nAlone, forward and backward at the BN layers' shapes ({floor['activations']:,} "
+            f"activations, {floor['MB per pass']} MB per pass):\n\n"
+            + make_table(floor["rows"]).to_markdown()
+            + "\n\n"
+        )
+        out.append(
+            f"- Bandwidth (median of the candidates): "
+            f"{floor['bandwidth GB/s (median of the candidates)']} GB/s. Fused BN + ReLU makes "
+            f"{floor['extra passes']} passes more than bias add + ReLU: a floor of "
+            f"{floor['floor of the extra, ms (extra passes x bytes / bandwidth)']} ms at that "
+            f"bandwidth; measured alone "
+            f"{floor['fused BN + ReLU minus bias add + ReLU, ms']} ms, inside the training "
+            f"step {floor['fused step minus none step, ms']} ms. The floor alone is "
+            f"{floor['share of the no-BN step the floor allows']:.0%} of the no-BN step.\n"
+        )
+    remapper = d.get("remapper")
+    if remapper:
+        said = "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in remapper.items())
+        out.append(f"- In the traced steps, TensorFlow's remapper fused {said}.\n")
     return "".join(out)
 
 
@@ -183,12 +190,14 @@ _SECTIONS = [
     ),
     (
         "bench_time_to_accuracy.json",
-        "Time to 91% test accuracy, CNN with and without BN (benchmarks/bench_time_to_accuracy.py)",
+        "Time to 91% test accuracy, each model at its best, with and without BN "
+        "(benchmarks/bench_time_to_accuracy.py)",
         _render_time_to_accuracy,
     ),
     (
         "bench_best_accuracy.json",
-        "Best BN model within 20 minutes of CPU training (benchmarks/bench_best_accuracy.py)",
+        "Best accuracy within 20 minutes of 2-core training, with and without BN "
+        "(benchmarks/bench_best_accuracy.py)",
         _render_best_accuracy,
     ),
     ("tuning_summary.json", "Hyperparameters (notebook 06)", _render_rows),
@@ -200,6 +209,11 @@ _SECTIONS = [
     (
         "bench_bn_profile.json",
         "Where BN's training time goes, per op (benchmarks/bench_bn_profile.py)",
+        _render_bn_profile,
+    ),
+    (
+        "bench_bn_profile_onednn_off.json",
+        "The same profile with oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)",
         _render_bn_profile,
     ),
     (
