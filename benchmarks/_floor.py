@@ -15,7 +15,9 @@ Each candidate has a pass count: how many times it must read or write a tensor o
 activations' size (``PASSES``; a reduction over a tensor reads it once). The bandwidth it
 reaches is passes x bytes / seconds, and the floor of what BN adds over the no-BN twin is
 ``(passes of fused BN + ReLU - passes of bias add + ReLU) x bytes / bandwidth``: what a
-kernel at the machine's bandwidth must spend, whoever writes it.
+kernel at the machine's bandwidth must spend, whoever writes it. Under oneDNN the no-BN twin's
+bias add is fused into the convolution (it costs no op time in the traces), so the floor over
+ReLU alone is reported too.
 """
 
 from __future__ import annotations
@@ -180,6 +182,12 @@ def measure(shapes, repeats: int, calls: int, fused_forward: bool = False) -> di
         "extra passes": extra_passes,
         "floor of the extra, ms (extra passes x bytes / bandwidth)": round(
             extra_passes * nbytes / bandwidth * 1e3, 2
+        ),
+        "extra passes over ReLU alone (no-BN bias fused into the convolution)": (
+            passes["fused BN + ReLU"] - passes["ReLU"]
+        ),
+        "floor of the extra over ReLU alone, ms": round(
+            (passes["fused BN + ReLU"] - passes["ReLU"]) * nbytes / bandwidth * 1e3, 2
         ),
         "one-kernel BN + ReLU passes (none written)": FUSED_BN_RELU_IDEAL_PASSES,
     }

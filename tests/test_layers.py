@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -563,8 +565,10 @@ def _load_benchmark():
 
     from bnutils.config import repo_root
 
-    path = repo_root() / "benchmarks" / "bench_bn_layers.py"
-    spec = importlib.util.spec_from_file_location("bench_bn_layers", path)
+    folder = repo_root() / "benchmarks"
+    if str(folder) not in sys.path:  # the script imports its shared benchmarks/_harness.py
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("bench_bn_layers", folder / "bench_bn_layers.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

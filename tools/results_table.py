@@ -149,6 +149,13 @@ def _render_bn_profile(d) -> str:
             f"step {floor['fused step minus none step, ms']} ms. The floor alone is "
             f"{floor['share of the no-BN step the floor allows']:.0%} of the no-BN step.\n"
         )
+        over_relu = floor.get("floor of the extra over ReLU alone, ms")
+        if over_relu is not None:
+            passes = floor["extra passes over ReLU alone (no-BN bias fused into the convolution)"]
+            out.append(
+                f"- Over ReLU alone (under oneDNN the no-BN twin's bias add is fused into its "
+                f"convolution): {passes} extra passes, a floor of {over_relu} ms.\n"
+            )
     remapper = d.get("remapper")
     if remapper:
         said = "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in remapper.items())
