@@ -12,12 +12,13 @@ over the op, with a fixed upstream gradient), interleaved with the others:
 * ``copy``: ``x * 1.5`` forward and backward, a memory-bound reference.
 
 Each candidate has a pass count: how many times it must read or write a tensor of the
-activations' size (``PASSES``; a reduction over a tensor reads it once). The bandwidth it
-reaches is passes x bytes / seconds, and the floor of what BN adds over the no-BN twin is
-``(passes of fused BN + ReLU - passes of bias add + ReLU) x bytes / bandwidth``: what a
-kernel at the machine's bandwidth must spend, whoever writes it. Under oneDNN the no-BN twin's
-bias add is fused into the convolution (it costs no op time in the traces), so the floor over
-ReLU alone is reported too.
+activations' size (``PASSES``; a reduction over a tensor reads it once). The rate it reaches
+is passes x bytes / seconds; the copy's rate stands for the machine's bandwidth. The floor of
+what BN adds over the no-BN twin is ``(passes of fused BN + ReLU - passes of what the twin
+pays) x bytes / bandwidth``: what any kernel must spend that makes those passes. The twin pays
+for bias add + ReLU, or for ReLU alone where oneDNN fuses the bias add into the convolution
+(it then costs no op time in the traces). A kernel that did BN and ReLU in one pass each way
+(none exists in TensorFlow for CPUs) would make ``FUSED_BN_RELU_IDEAL_PASSES``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ PASSES = {
 # What one kernel at the bandwidth could do: the statistics in one read of x (the sum and the
 # sum of squares together), normalize and ReLU in one read and one write; backward: the two
 # reductions (with ReLU's mask from y) in one read of dy and y, then dx in one read of each and
-# one write. The same count as the no-BN twin's bias add + ReLU.
+# one write. The same count as bias add + ReLU.
 FUSED_BN_RELU_IDEAL_PASSES = 1 + 2 + 2 + 3
 
 
@@ -134,12 +135,17 @@ def candidates(shapes):
     return {name: make(fwd) for name, fwd in forwards.items()}
 
 
-def measure(shapes, repeats: int, calls: int, fused_forward: bool = False) -> dict:
+def measure(
+    shapes, repeats: int, calls: int, fused_forward: bool = False, bias_fused: bool = False
+) -> dict:
     """Seconds per forward + backward of each candidate (median over interleaved repeats of
-    ``calls`` back-to-back calls), its bandwidth, and BN's extra time against the floor.
+    ``calls`` back-to-back calls), the bandwidth it reaches, and BN's floor.
 
-    ``fused_forward``: TensorFlow's remapper runs BN + ReLU forward as one kernel
-    (``FusedBatchNormEx``; seen in the traces), which saves ReLU's read and write.
+    Args:
+        fused_forward: TensorFlow's remapper runs BN + ReLU forward as one kernel
+            (``FusedBatchNormEx``, seen in the traces), which saves ReLU's read and write.
+        bias_fused: the no-BN twin's bias add is fused into its convolution (oneDNN; it costs
+            no op time in the traces), so that twin pays for ReLU alone.
     """
     passes = dict(PASSES)
     if fused_forward:
@@ -160,36 +166,32 @@ def measure(shapes, repeats: int, calls: int, fused_forward: bool = False) -> di
     nbytes = 4 * elements
     seconds = {name: statistics.median(wall[name]) / calls for name in fns}
     speed = {name: passes[name] * nbytes / seconds[name] for name in fns}  # bytes per second
+    bandwidth = speed["copy"]  # streaming: the rate a kernel that only reads and writes reaches
     rows = [
         {
             "candidate": name,
             "ms fwd+bwd": round(seconds[name] * 1e3, 2),
             "passes": passes[name],
             "GB/s": round(speed[name] / 1e9, 1),
+            "of the copy's rate": round(speed[name] / bandwidth, 2),
         }
         for name in fns
     ]
-    bandwidth = statistics.median(speed.values())  # of these memory-bound ops
-    extra_passes = passes["fused BN + ReLU"] - passes["bias add + ReLU"]
-    extra = seconds["fused BN + ReLU"] - seconds["bias add + ReLU"]
+    base = "ReLU" if bias_fused else "bias add + ReLU"
+    extra = passes["fused BN + ReLU"] - passes[base]
+    ideal = FUSED_BN_RELU_IDEAL_PASSES - passes[base]
     return {
         "shapes": [list(s) for s in shapes],
         "activations": elements,
         "MB per pass": round(nbytes / 1e6, 1),
         "rows": rows,
-        "bandwidth GB/s (median of the candidates)": round(bandwidth / 1e9, 1),
-        "fused BN + ReLU minus bias add + ReLU, ms": round(extra * 1e3, 2),
-        "extra passes": extra_passes,
-        "floor of the extra, ms (extra passes x bytes / bandwidth)": round(
-            extra_passes * nbytes / bandwidth * 1e3, 2
-        ),
-        "extra passes over ReLU alone (no-BN bias fused into the convolution)": (
-            passes["fused BN + ReLU"] - passes["ReLU"]
-        ),
-        "floor of the extra over ReLU alone, ms": round(
-            (passes["fused BN + ReLU"] - passes["ReLU"]) * nbytes / bandwidth * 1e3, 2
-        ),
-        "one-kernel BN + ReLU passes (none written)": FUSED_BN_RELU_IDEAL_PASSES,
+        "bandwidth GB/s (copy)": round(bandwidth / 1e9, 1),
+        "no-BN twin pays": base,
+        "extra passes": extra,
+        "floor of the extra, ms": round(extra * nbytes / bandwidth * 1e3, 2),
+        "measured alone, ms": round((seconds["fused BN + ReLU"] - seconds[base]) * 1e3, 2),
+        "one-kernel BN + ReLU: extra passes": ideal,
+        "one-kernel BN + ReLU: floor, ms": round(max(ideal, 0) * nbytes / bandwidth * 1e3, 2),
     }
 
 

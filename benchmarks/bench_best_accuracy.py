@@ -13,9 +13,8 @@ for validation). Peak rates: 0.4 with BN, 0.1 without (the better of 0.05 and 0.
 4-epoch trials of issue 27; ``bench_time_to_accuracy.py`` has the grids).
 
 The one-cycle schedule must know its length before training starts, so the epochs are planned
-from a probe: a few training steps of the same model and a pass over the validation
-images, each timed twice after an untimed pass that traces them (the faster counts), give an
-epoch's seconds, and the plan
+from a probe (``probe_epoch_seconds``: seconds per training step from two fits of different
+lengths, plus a validation pass) that gives an epoch's seconds, and the plan
 is the number of epochs that fit in 95% of the budget. The plan is saved in the result file and
 reused when the benchmark runs again, so that a run cut short resumes from its run record
 (``bnutils.train``'s cache); ``--epochs`` sets it by hand, ``--replan`` probes again.
@@ -39,16 +38,19 @@ import _recipe
 GOAL_ACCURACY = 0.94
 BUDGET_S = 1200
 SETTINGS = {
-    "full": {"train": None, "val": 5_000, "test": None, "budget_s": BUDGET_S, "probe_steps": 40},
-    "quick": {"train": 2_000, "val": 1_000, "test": 2_000, "budget_s": 40, "probe_steps": 4},
+    "full": {"train": None, "val": 5_000, "test": None, "budget_s": BUDGET_S, "probe_steps": 60},
+    "quick": {"train": 2_000, "val": 1_000, "test": 2_000, "budget_s": 40, "probe_steps": 6},
 }
 MODELS = {"bn": {"bn": True, "peak": 0.4}, "plain": {"bn": False, "peak": 0.1}}
 PLAN_SHARE = 0.95  # of the budget: epochs vary by a few percent
 
 
 def probe_epoch_seconds(model_name: str, ds, probe_steps: int, seed: int) -> float:
-    """Seconds of one training epoch plus one validation pass, estimated from ``probe_steps``
-    timed steps (after an untimed pass that traces the step) of a model built like the run's."""
+    """Seconds of one training epoch plus one validation pass, estimated on a model built like
+    the run's: the seconds per step are the difference between a fit of ``probe_steps`` and
+    one of ``probe_steps // 3`` steps, divided by the steps between them, so that the cost of
+    a ``fit`` call (a few seconds) is not spread over the steps; each fit and the validation
+    pass are timed twice after an untimed pass that traces them, and the faster counts."""
     import tensorflow as tf
 
     from bnutils.data import make_tf_dataset
@@ -60,19 +62,26 @@ def probe_epoch_seconds(model_name: str, ds, probe_steps: int, seed: int) -> flo
     augment = _recipe.augmenter(seed)
     data = make_tf_dataset(ds.x_train[:n], ds.y_train[:n], batch, shuffle=True, seed=seed)
     data = data.map(lambda x, y: (augment(x, training=True), y)).cache()
+    steps = math.ceil(n / batch)
+    short = max(1, steps // 3)
     x_val = tf.constant(ds.x_val)
-    model.fit(data, epochs=1, verbose=0)  # trace
-    model.predict(x_val, batch_size=256, verbose=0)
-    fits, predictions = [], []
-    for _ in range(2):  # the first timed pass of a process can be slow (1.8x once): the faster
-        t0 = time.perf_counter()
-        model.fit(data, epochs=1, verbose=0)
-        fits.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        model.predict(x_val, batch_size=256, verbose=0)
-        predictions.append(time.perf_counter() - t0)
-    per_step = min(fits) / math.ceil(n / batch)
-    return per_step * math.ceil(len(ds.x_train) / batch) + min(predictions)
+
+    def best_of_two(call):
+        call()  # traces
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    long_fit = best_of_two(lambda: model.fit(data, epochs=1, verbose=0))
+    short_fit = best_of_two(lambda: model.fit(data.take(short), epochs=1, verbose=0))
+    validation = best_of_two(lambda: model.predict(x_val, batch_size=256, verbose=0))
+    per_step = (long_fit - short_fit) / max(1, steps - short)
+    if per_step <= 0:  # a disturbed probe: fall back on the plain average
+        per_step = long_fit / steps
+    return per_step * math.ceil(len(ds.x_train) / batch) + validation
 
 
 def saved_plan(path, model_name: str, profile: str, budget_s: float) -> int | None:
@@ -123,7 +132,6 @@ def run_one(model_name: str, ds, cfg: dict, epochs: int, seed: int, profile: str
         "test accuracy": None if test is None else round(test, 4),
         "test accuracy, flip TTA": None if tta is None else round(tta, 4),
         "goal (>= 94.0% in <= 20 min)": "met" if met else "not met",
-        "from record": bool(result.from_cache),
     }
 
 
@@ -145,14 +153,14 @@ def run(
     _harness.log(f"{profile}: {ds.summary()}; budget {cfg['budget_s']} s per run")
     rows, plans = [], {}
     for name in models:
-        planned = epochs
+        planned, how, estimate = epochs, "given (--epochs)", None
         if planned is None and not replan and previous is not None:
-            planned = saved_plan(previous, name, profile, cfg["budget_s"])
-        estimate = None
+            planned, how = saved_plan(previous, name, profile, cfg["budget_s"]), "a saved plan"
         if planned is None:
             estimate = probe_epoch_seconds(name, ds, cfg["probe_steps"], seeds[0])
             planned = max(1, int(PLAN_SHARE * cfg["budget_s"] // estimate))
-        plans[name] = {"planned epochs": planned, "probed epoch seconds": estimate}
+            how = f"a probe of {estimate:.0f} s per epoch (training and validation)"
+        plans[name] = {"planned epochs": planned, "probed epoch seconds": estimate, "from": how}
         _harness.log(
             f"{name}: {planned} epochs"
             + (f" (probe: {estimate:.1f} s per epoch)" if estimate else " (saved or given plan)")

@@ -5,7 +5,7 @@ The notebooks show each idea in plain Keras first; this package holds what Keras
 every notebook shares. Importing it imports Keras and its submodules, and nothing runs on import.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from bnutils import (  # submodules are attributes: `bnutils.config` just works
     cache,

@@ -1,29 +1,93 @@
-"""The one module that walks and queries Keras model graphs; every other module asks here.
+"""The one module that walks, queries and rewrites Keras model graphs; the others ask here.
+
+* Layer kinds, the package's one table: BN layers (:func:`is_batchnorm`), the linear layers BN
+  follows and folds into (:data:`LINEAR_LAYER_KINDS`, :func:`linear_kind`,
+  :func:`has_linear_activation`), activations, dropout and shape-only layers.
+* Reading: :func:`walk_layers`, :func:`find_batchnorm_layers`, :class:`LayerGraph`.
+* Rewriting: :func:`rewrite`, the one caller of ``keras.models.clone_model`` (a copy made
+  layer by layer, Sequential models included); insertion, folding, conversion and the
+  builders use it.
 
 Each use of private Keras API is in this file, with a one-line reason, so that a Keras upgrade
-touches one file. Rewriting goes through the public ``keras.models.clone_model``.
+touches one file.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import keras
 
 __all__ = [
+    "ACTIVATION_LAYERS",
+    "DROPOUT_LAYERS",
+    "LINEAR_LAYERS",
+    "LINEAR_LAYER_KINDS",
     "MODEL_OUTPUT",
+    "SHAPE_LAYERS",
     "LayerGraph",
     "ends_in_softmax",
     "find_batchnorm_layers",
+    "has_linear_activation",
     "is_batchnorm",
     "is_functional",
     "is_graph_model",
+    "linear_kind",
     "require_graph_model",
+    "rewrite",
     "walk_layers",
 ]
 
 #: Stands for "the model's output" in :meth:`LayerGraph.consumers`.
 MODEL_OUTPUT = "<model output>"
+
+_L = keras.layers
+#: The linear layers that BN follows and folds into, by kind (the more specific kinds first).
+LINEAR_LAYER_KINDS: dict[str, tuple[type, ...]] = {
+    "transpose": (_L.Conv1DTranspose, _L.Conv2DTranspose, _L.Conv3DTranspose),
+    "depthwise": (_L.DepthwiseConv1D, _L.DepthwiseConv2D),
+    "separable": (_L.SeparableConv1D, _L.SeparableConv2D),
+    "conv": (_L.Conv1D, _L.Conv2D, _L.Conv3D),
+    "dense": (_L.Dense,),
+}
+LINEAR_LAYERS: tuple[type, ...] = tuple(t for ts in LINEAR_LAYER_KINDS.values() for t in ts)
+#: Element-wise activation layers.
+ACTIVATION_LAYERS = (_L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU, _L.PReLU, _L.Softmax)
+#: Layers that drop or perturb values at training time only.
+DROPOUT_LAYERS = (
+    _L.Dropout,
+    _L.SpatialDropout1D,
+    _L.SpatialDropout2D,
+    _L.SpatialDropout3D,
+    _L.GaussianDropout,
+    _L.AlphaDropout,
+    _L.GaussianNoise,
+)
+#: Layers that move or pad values without computing on them.
+SHAPE_LAYERS = (
+    _L.Flatten,
+    _L.Reshape,
+    _L.Permute,
+    _L.Identity,
+    _L.ZeroPadding1D,
+    _L.ZeroPadding2D,
+    _L.ZeroPadding3D,
+    _L.Cropping1D,
+    _L.Cropping2D,
+    _L.Cropping3D,
+)
+
+
+def linear_kind(layer: Any) -> str | None:
+    """The key of ``layer``'s class in :data:`LINEAR_LAYER_KINDS`, or ``None``."""
+    return next((k for k, types in LINEAR_LAYER_KINDS.items() if isinstance(layer, types)), None)
+
+
+def has_linear_activation(layer: Any) -> bool:
+    """Whether ``layer`` applies no activation of its own (``None`` or ``"linear"``)."""
+    activation = getattr(layer, "activation", None)
+    return activation is None or getattr(activation, "__name__", activation) == "linear"
 
 
 def _sublayers(layer: Any) -> list:
@@ -268,3 +332,72 @@ class LayerGraph:
                 if training is not None:
                     out.append((path, layer, training))
         return out
+
+
+# ---------------------------------------------------------------- rewriting
+
+
+def rewrite(
+    model: Any,
+    clone: Callable[[Any], Any],
+    after_call: Callable[[Any, Any], tuple[Any, list]] | None = None,
+) -> Any:
+    """A copy of the Sequential or Functional ``model``, made layer by layer.
+
+    The one place that calls ``keras.models.clone_model`` (and builds the Sequential copy that
+    ``clone_model`` cannot give a call hook).
+
+    Args:
+        clone: ``clone(layer)`` returns the layer's copy (the layer itself to share it, a
+            rewritten nested model), or ``None`` to drop a layer that takes one tensor and
+            passes it on (e.g. a folded BN). Called once per layer.
+        after_call: ``after_call(new, output)`` runs after each call of a copy, once the copy
+            is built (to set its weights, or to call more layers on ``output``), and returns
+            ``(output, extra_layers)``: the output passed on, and the layers it called (listed
+            after ``new`` in a Sequential copy). For an unbuilt Sequential model ``output`` is
+            ``None`` and nothing is called. Default: ``(output, [])``.
+
+    Returns:
+        The copy (a ``keras.Sequential`` for a Sequential model), frozen if ``model`` was, and
+        compiled like ``model`` if it was (as ``clone_model`` does).
+    """
+    require_graph_model(model, "Rebuild it with the Functional API to rewrite it.")
+    after_call = after_call or (lambda new, output: (output, []))
+    dropped: set[int] = set()
+
+    def clone_or_mark(layer):
+        new = clone(layer)
+        if new is None:
+            dropped.add(id(layer))
+            return layer  # never called: `call` passes its input on
+        return new
+
+    if isinstance(model, keras.Sequential):
+        inputs = _tensors(model, "inputs") if model.built else []
+        inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in inputs]
+        copies, listed, x = {}, [], inputs
+        for layer in model.layers:
+            if id(layer) not in copies:
+                copies[id(layer)] = clone_or_mark(layer)
+            new = copies[id(layer)]
+            if id(layer) in dropped:
+                continue
+            output, extra = after_call(new, new(*x) if x else None)
+            listed.extend([new, *extra])
+            x = [output] if output is not None else []
+        copy = keras.Sequential(inputs + listed, name=model.name)
+        if model.compiled:  # as clone_model does for the models it copies
+            copy.compile_from_config(model.get_compile_config())
+    else:
+
+        def call(new, *args, **kwargs):
+            if id(new) in dropped:
+                return args[0] if args else kwargs["inputs"]
+            return after_call(new, new(*args, **kwargs))[0]
+
+        # Not `recursive=True`: Keras would not pass `call_function` to nested Sequential
+        # models; `clone` rewrites the nested models it meets (with `rewrite`).
+        copy = keras.models.clone_model(model, clone_function=clone_or_mark, call_function=call)
+    if not model.trainable:
+        copy.trainable = False
+    return copy

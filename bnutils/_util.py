@@ -34,6 +34,8 @@ __all__ = [
     "json_safe",
     "model_outputs",
     "log_line",
+    "log_probabilities",
+    "nan_list",
     "preserved_state",
     "Progress",
     "slug",
@@ -41,6 +43,11 @@ __all__ = [
 
 
 # ---------------------------------------------------------------- JSON
+
+
+def nan_list(values: Iterable[Any]) -> list[float]:
+    """The inverse of :func:`json_safe` for a list of numbers: ``None`` back to NaN."""
+    return [math.nan if v is None else float(v) for v in values]
 
 
 def json_safe(obj: Any) -> Any:
@@ -281,6 +288,20 @@ def field(result: Any, name: str) -> Any:
     from collections.abc import Mapping
 
     return result.get(name) if isinstance(result, Mapping) else getattr(result, name, None)
+
+
+def log_probabilities(outputs: np.ndarray, probabilities: bool | None = None) -> np.ndarray:
+    """Per-class log-probabilities of a classifier's ``(n, classes)`` outputs: of probabilities
+    (clipped at 1e-12) or, for logits, a log-softmax. ``probabilities=None`` decides from the
+    values (non-negative rows that sum to 1 are probabilities). The package's one conversion
+    (``evaluation.evaluate``'s loss, the doctor's scores)."""
+    out = np.asarray(outputs, dtype=np.float64)
+    if probabilities is None:
+        probabilities = out.min() >= 0.0 and np.allclose(out.sum(axis=1), 1.0, atol=1e-3)
+    if probabilities:
+        return np.log(np.clip(out, 1e-12, 1.0))
+    shifted = out - out.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
 def model_outputs(model, x, training=False, batch_size: int | None = None) -> np.ndarray:

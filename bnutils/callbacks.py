@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from bnutils._graph import walk_layers
+from bnutils._graph import has_linear_activation, walk_layers
 from bnutils._util import check_positive_int, model_outputs
 from bnutils.cache import describe
 
@@ -162,7 +162,7 @@ class ActivationPercentiles(Tracker):
                 f"Its layers are {[lyr.name for lyr in model.layers]}."
             ) from e
         act_name = getattr(getattr(layer, "activation", None), "__name__", "linear")
-        if self.tensor == "output" and act_name != "linear":
+        if self.tensor == "output" and not has_linear_activation(layer):
             raise ValueError(
                 f"{me} applies the nonlinearity {act_name!r} itself, so its output is after "
                 "the nonlinearity. Build it with activation=None followed by a separate "

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from bnutils.data import DATASETS
+
 __all__ = ["main"]
 
-DATASETS = ("fashion_mnist", "mnist", "cifar10")
 FORMATS = ("savedmodel", "onnx", "tflite")
 
 
@@ -141,8 +143,10 @@ def _fold(args) -> int:
     model = _load_model(args.model)
     target = _free_output(args.output)
     try:
-        folded, report = fold_batchnorm(model, return_report=True)
-    except ValueError as e:
+        with warnings.catch_warnings():  # "folded nothing" is said below, as a usage error
+            warnings.simplefilter("ignore", UserWarning)
+            folded, report = fold_batchnorm(model, return_report=True)
+    except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from e
     print(report)
     if not report.folded:

@@ -19,14 +19,24 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 
 import keras
 import numpy as np
 
-from bnutils._graph import LayerGraph, find_batchnorm_layers, is_batchnorm
-from bnutils._util import check_choice, model_outputs, preserved_state
+from bnutils._graph import (
+    ACTIVATION_LAYERS,
+    DROPOUT_LAYERS,
+    SHAPE_LAYERS,
+    LayerGraph,
+    find_batchnorm_layers,
+    has_linear_activation,
+    is_batchnorm,
+)
+from bnutils._util import check_choice, log_probabilities, model_outputs, preserved_state
 from bnutils.inference import check_batch_independence
 from bnutils.precise import batchnorm_input_statistics, recalibrate_batchnorm
+from bnutils.results import Report
 
 __all__ = ["SEVERITIES", "DoctorReport", "Finding", "diagnose_batchnorm"]
 
@@ -56,21 +66,8 @@ _FIXES = {
     "0.9). Keras's defaults are 0.99 and epsilon=1e-3; keep 1e-5 only for PyTorch weights.",
 }
 
-L = keras.layers
-_DROPOUT = (L.Dropout, L.GaussianDropout, L.AlphaDropout)
-_SHAPE_ONLY = (
-    L.Flatten,
-    L.Reshape,
-    L.Permute,
-    L.Identity,
-    L.ZeroPadding1D,
-    L.ZeroPadding2D,
-    L.ZeroPadding3D,
-    L.Cropping1D,
-    L.Cropping2D,
-    L.Cropping3D,
-)
-_ELEMENTWISE = (L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.PReLU)
+_DROPOUT, _SHAPE_ONLY = DROPOUT_LAYERS, SHAPE_LAYERS
+_ELEMENTWISE = tuple(t for t in ACTIVATION_LAYERS if t is not keras.layers.Softmax)
 _MEAN_GAP, _VARIANCE_RATIO = 0.8, 2.5  # moving-stats-mismatch thresholds (module docstring)
 
 
@@ -100,7 +97,7 @@ class _Findings(list):
 
 
 @dataclasses.dataclass
-class DoctorReport:
+class DoctorReport(Report):
     """The ``findings`` of :func:`diagnose_batchnorm`, worst first; ``layers``: a row per BN layer
     (path, momentum, epsilon, trainable; on ``x``: ``mean_gap``, the RMS over channels of the mean
     gap in std, ``max_mean_gap``, and ``variance_ratio``, geometric RMS of actual/moving)."""
@@ -187,7 +184,7 @@ def _check_inputs(model, x, y):
 
 
 def _activation(layer) -> str:
-    if isinstance(layer, L.Softmax):
+    if isinstance(layer, keras.layers.Softmax):
         return "softmax"
     return getattr(getattr(layer, "activation", None), "__name__", "")
 
@@ -200,7 +197,7 @@ def _redundant_bias(p, bn) -> bool:
     rank = getattr(getattr(bn, "input_spec", None), "ndim", None)
     last = 1 if getattr(p, "data_format", "channels_last") == "channels_first" else -1
     on_axis = bn.axis == last if rank is None else bn.axis % rank == last % rank
-    return on_axis and _activation(p) in ("", "linear")
+    return on_axis and has_linear_activation(p)
 
 
 def _structure_findings(model, bn_layers, found: _Findings) -> None:
@@ -208,7 +205,7 @@ def _structure_findings(model, bn_layers, found: _Findings) -> None:
     graph = LayerGraph(model)
     paths = {id(b): p for p, b in bn_layers}
     for path, bn in bn_layers:
-        for p in graph.walk_back(bn, (L.Identity,)):
+        for p in graph.walk_back(bn, (keras.layers.Identity,)):
             if _redundant_bias(p, bn):
                 msg = f"`{p.name}` ({type(p).__name__}) adds a bias that BN `{bn.name}` subtracts"
                 ev = {"bias_parameters": int(np.prod(p.bias.shape)), "source": p.name}
@@ -217,7 +214,9 @@ def _structure_findings(model, bn_layers, found: _Findings) -> None:
             if isinstance(p, _DROPOUT):
                 msg = f"`{p.name}` ({type(p).__name__}) feeds BN `{bn.name}`: BN's moving variance"
                 msg += " is measured with dropout on and applied with it off."
-                ev = {"source": p.name, "rate": p.rate}
+                ev = {"source": p.name, "rate": getattr(p, "rate", None)}
+                if not hasattr(p, "rate"):  # GaussianNoise: noise of this standard deviation
+                    ev["stddev"] = getattr(p, "stddev", None)
                 found.add("dropout-before-bn", "warning", path, msg, ev)
         for p in graph.walk_back(bn, _SHAPE_ONLY):
             if (act := _activation(p)) in ("softmax", "log_softmax"):
@@ -281,16 +280,15 @@ def _score(pred: np.ndarray, y: np.ndarray) -> dict:
     k, ids = pred.shape[1], y.size == len(y) and np.issubdtype(y.dtype, np.integer)
     if k == 1 and np.isin(np.unique(y), [0, 1]).all():  # binary: probabilities or logits
         p = pred[:, 0] if 0 <= pred.min() and pred.max() <= 1 else 1 / (1 + np.exp(-pred[:, 0]))
-        probs, labels = np.stack([1 - p, p], axis=1), y.reshape(-1).astype(int)
+        log_p = log_probabilities(np.stack([1 - p, p], axis=1), probabilities=True)
+        labels = y.reshape(-1).astype(int)
     elif k > 1 and (ids or y.shape == pred.shape):  # class ids or one-hot
         labels = y.reshape(-1) if ids else y.argmax(axis=1)
-        probs = np.exp(pred - pred.max(axis=1, keepdims=True))  # softmax of logits
-        probs = pred if pred.min() >= 0 and np.allclose(pred.sum(1), 1, atol=1e-3) else probs
-        probs = probs / probs.sum(axis=1, keepdims=True)
+        log_p = log_probabilities(pred)  # of probabilities, or a log-softmax of logits
     else:
         return {"mse": float(np.mean((pred - y.reshape(pred.shape)) ** 2))}
-    loss = -np.mean(np.log(probs[np.arange(len(labels)), labels] + 1e-7))
-    return {"accuracy": float(np.mean(probs.argmax(axis=1) == labels)), "loss": float(loss)}
+    loss = -np.mean(log_p[np.arange(len(labels)), labels])
+    return {"accuracy": float(np.mean(log_p.argmax(axis=1) == labels)), "loss": float(loss)}
 
 
 def _batch_dependence(model, sample, rows, seed: int, found: _Findings) -> None:
@@ -374,6 +372,7 @@ def diagnose_batchnorm(model, x, y=None, batch_size: int = 128, seed: int = 0) -
     found = _Findings()
     if not bn_layers:
         msg = f"Model {model.name!r} has no BatchNormalization layer (nested ones included)."
+        warnings.warn(f"diagnose_batchnorm: nothing to diagnose. {msg}", stacklevel=2)
         found.add("no-batchnorm", "info", None, msg, {"n_layers": len(model.layers)})
         seconds = time.perf_counter() - start
         return DoctorReport(

@@ -5,13 +5,12 @@ Used in notebooks 05 and 06 and the benchmarks. Statistics over seeds are in :mo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import numpy as np
 
 from bnutils._graph import ends_in_softmax
-from bnutils._util import check_choice, field
+from bnutils._util import check_choice, field, log_probabilities, nan_list
 
 __all__ = ["confusion_matrix", "evaluate", "time_to_accuracy"]
 
@@ -61,14 +60,7 @@ def evaluate(
         raise ValueError(
             f"Labels span {y.min()}-{y.max()} but the model has {out.shape[1]} outputs."
         )
-    is_prob = ends_in_softmax(model) or (
-        out.min() >= 0.0 and np.allclose(out.sum(axis=1), 1.0, atol=1e-3)
-    )
-    if is_prob:
-        log_p = np.log(np.clip(out, 1e-12, 1.0))
-    else:
-        shifted = out - out.max(axis=1, keepdims=True)
-        log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    log_p = log_probabilities(out, True if ends_in_softmax(model) else None)
     y_pred = out.argmax(axis=1)
     result = {
         "loss": float(-log_p[np.arange(len(y)), y].mean()),
@@ -146,7 +138,7 @@ def time_to_accuracy(results: Iterable, target: float, metric: str = "val_accura
                 f"Run {field(r, 'run_name')!r} has no {metric!r} in its history; it has "
                 f"{sorted(history)}."
             )
-        curve = [math.nan if v is None else float(v) for v in history[metric]]
+        curve = nan_list(history[metric])
         times = np.cumsum([float(t) for t in (field(r, "epoch_times") or [])])
         per_epoch = field(r, "steps_per_epoch")
         epoch = next((i + 1 for i, v in enumerate(curve) if v >= target), None)

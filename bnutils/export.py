@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bnutils._util import atomic_path, atomic_write_json, env_info
+from bnutils.results import Report
 
 __all__ = [
     "DEFAULT_PREPROCESSING",
@@ -95,9 +96,11 @@ def export_savedmodel(
         from bnutils.folding import fold_batchnorm
 
         try:
-            model, report = fold_batchnorm(model, return_report=True)
-        except ValueError as err:
-            raise ValueError(f"{err} Or export it unfolded with `fold=False`.") from err
+            with warnings.catch_warnings():  # a model without BN exports as it is
+                warnings.simplefilter("ignore", UserWarning)
+                model, report = fold_batchnorm(model, return_report=True)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} Or export it unfolded with `fold=False`.") from err
     outputs = [
         {"shape": [None, *t.shape[1:]], "dtype": keras.backend.standardize_dtype(t.dtype)}
         for t in model.outputs or []
@@ -188,7 +191,7 @@ def load_for_inference(path: str | os.PathLike) -> tuple[Callable[..., np.ndarra
 
 
 @dataclasses.dataclass(frozen=True)
-class FreshProcessResult:
+class FreshProcessResult(Report):
     """What :func:`check_fresh_process` found: ``passed`` is ``max_abs_diff <= atol`` and no
     ``bnutils`` import in the child (``keras_imported`` is informative: TensorFlow imports it)."""
 

@@ -7,19 +7,29 @@ layer (no activation in between) that map merges into the layer's kernel and bia
     kernel' = kernel * scale          (along the output-channel axis of the kernel)
     bias'   = (bias - moving_mean) * scale + beta
 
-:func:`fold_batchnorm` rewrites the model with ``keras.models.clone_model`` (nested models
-included), drops every foldable BN, copies all other weights and reports which pairs it folded
+:func:`fold_batchnorm` rewrites the model with the package's one rewrite (``_graph.rewrite``;
+nested models included), drops every foldable BN, copies all other weights and reports which pairs it folded
 and why it kept the rest. The result is for inference only: it must not be trained.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import keras
 import numpy as np
 
-from bnutils._graph import LayerGraph, is_batchnorm, is_graph_model, require_graph_model
+from bnutils._graph import (
+    LayerGraph,
+    has_linear_activation,
+    is_batchnorm,
+    is_graph_model,
+    linear_kind,
+    require_graph_model,
+    rewrite,
+)
+from bnutils.results import Report
 
 __all__ = ["FoldReport", "fold_batchnorm"]
 
@@ -27,7 +37,7 @@ _L = keras.layers
 
 
 @dataclasses.dataclass
-class FoldReport:
+class FoldReport(Report):
     """What :func:`fold_batchnorm` did.
 
     Attributes:
@@ -82,7 +92,11 @@ def fold_batchnorm(model: keras.Model, return_report: bool = False):
         The folded model, or ``(folded_model, report)`` when ``return_report`` is true.
 
     Raises:
-        ValueError: ``model`` is not a built Sequential or Functional model.
+        TypeError: ``model`` is not a Sequential or Functional model (as for every transform).
+        ValueError: a Sequential model without a known input shape.
+
+    Warns:
+        UserWarning: nothing was folded (no BN layer, or none that can fold).
     """
     _check(model)
     report = FoldReport()
@@ -91,13 +105,20 @@ def fold_batchnorm(model: keras.Model, return_report: bool = False):
     report.layers_after = _count_layers(folded)
     report.params_before = int(model.count_params())
     report.params_after = int(folded.count_params())
+    if not report.folded:  # nothing silent: a copy that changes nothing says so, as Keras does
+        why = (
+            f"kept {len(report.kept)} BN layer(s); see the report"
+            if report.kept
+            else ("it has no BatchNormalization layer (nested ones included)")
+        )
+        warnings.warn(
+            f"fold_batchnorm folded nothing in model {model.name!r}: {why}.", stacklevel=2
+        )
     return (folded, report) if return_report else folded
 
 
 def _check(model) -> None:
-    require_graph_model(
-        model, "Rebuild it with the Functional API to fold its BN layers.", ValueError
-    )
+    require_graph_model(model, "Rebuild it with the Functional API to fold its BN layers.")
     if not model.built or not model.inputs:
         raise ValueError(
             f"Sequential model `{model.name}` has no known input shape. Start it with "
@@ -109,7 +130,7 @@ def _fold_parameters(producer, bn) -> dict[str, np.ndarray]:
     """The folded weights of a ``producer`` -> ``bn`` pair, in float64: ``"kernel"``
     (``"pointwise_kernel"`` for separable convolutions) and ``"bias"``; a ``ValueError`` for
     an unsupported producer or a channel mismatch."""
-    kind = _producer_kind(producer)
+    kind = linear_kind(producer)
     if kind is None:
         raise ValueError(
             f"Expected a Dense or convolution layer before the BN layer, received "
@@ -138,25 +159,13 @@ def _fold_parameters(producer, bn) -> dict[str, np.ndarray]:
     return {name: kernel * factor, "bias": (bias - mean) * scale + beta}
 
 
-def _producer_kind(layer) -> str | None:
-    kinds = [
-        ("transpose", (_L.Conv1DTranspose, _L.Conv2DTranspose, _L.Conv3DTranspose)),
-        ("depthwise", (_L.DepthwiseConv1D, _L.DepthwiseConv2D)),
-        ("separable", (_L.SeparableConv1D, _L.SeparableConv2D)),
-        ("conv", (_L.Conv1D, _L.Conv2D, _L.Conv3D)),
-        ("dense", (_L.Dense,)),
-    ]
-    return next((kind for kind, types in kinds if isinstance(layer, types)), None)
-
-
 def _fold_reason(producer, bn) -> str | None:
     """Why ``bn`` cannot fold into ``producer`` (called once, output used by ``bn`` only)."""
-    kind = _producer_kind(producer)
+    kind = linear_kind(producer)
     if kind is None:
         return f"it follows {type(producer).__name__} `{producer.name}`, not a Dense or convolution"
-    activation = getattr(producer, "activation", None)
-    if activation is not None and activation is not keras.activations.linear:
-        act = getattr(activation, "__name__", str(activation))
+    if not has_linear_activation(producer):
+        act = getattr(producer.activation, "__name__", str(producer.activation))
         return f"`{producer.name}` applies activation `{act}` before the BN"
     if getattr(producer, "lora_enabled", False) or getattr(producer, "quantization_mode", None):
         return f"`{producer.name}` is LoRA-enabled or quantized"
@@ -207,11 +216,13 @@ class _Folder:
                     dropped.add(id(layer))
         pending = {}  # id(copy) -> (original, BN folded into it)
 
-        def clone(layer):  # the `clone_function` of `clone_model`
+        def clone(layer):  # the `clone` of `_graph.rewrite`
             if is_graph_model(layer):
                 return self.fold(layer, f"{prefix}{layer.name}/")
-            if not isinstance(layer, _L.Layer) or id(layer) in dropped:
-                return layer  # a keras.ops operation, or a BN that is never called
+            if not isinstance(layer, _L.Layer):
+                return layer  # a keras.ops operation
+            if id(layer) in dropped:
+                return None  # folded: its input passes on
             bn = fold_into.get(id(layer))
             try:
                 config = layer.get_config()
@@ -226,29 +237,15 @@ class _Folder:
             pending[id(new)] = (layer, bn)
             return new
 
-        def finish(new):  # weights, once the copy is built
+        def after_call(new, out):  # weights, once the copy is built
             if id(new) in pending:
                 old, bn = pending.pop(id(new))
                 _set_weights(old, new, bn)
                 if bn is not None:
                     self.report.folded.append((prefix + old.name, prefix + bn.name))
+            return out, []
 
-        def call(new, *args, **kwargs):  # the `call_function` of `clone_model`
-            if id(new) in dropped:
-                return args[0] if args else kwargs["inputs"]
-            out = new(*args, **kwargs)
-            finish(new)
-            return out
-
-        if not isinstance(model, keras.Sequential):
-            return keras.models.clone_model(model, clone_function=clone, call_function=call)
-        layers = [clone(layer) for layer in model.layers if id(layer) not in dropped]
-        t = model.inputs[0]  # clone_model takes no call_function for Sequential models
-        inputs = keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name)
-        new_model = keras.Sequential([inputs, *layers], name=model.name)
-        for new in layers:
-            finish(new)
-        return new_model
+        return rewrite(model, clone, after_call)
 
 
 def _set_weights(original, new, fold_bn) -> None:

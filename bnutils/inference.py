@@ -12,12 +12,13 @@ import numpy as np
 
 from bnutils._graph import find_batchnorm_layers
 from bnutils._util import check_positive_int, model_outputs, preserved_state
+from bnutils.results import Report
 
 __all__ = ["BatchIndependenceReport", "check_batch_independence", "describe_bn_mode"]
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchIndependenceReport:
+class BatchIndependenceReport(Report):
     """What :func:`check_batch_independence` measured: the largest change of an output between
     batch compositions, absolute and relative to ``output_scale`` (the outputs' std)."""
 

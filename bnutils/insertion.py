@@ -2,7 +2,7 @@
 
 The copy keeps every weight and computes, at first, what the original computes in inference
 mode (each new BN starts as the identity, with ``beta`` = the removed bias). The graph is
-rewritten with ``keras.models.clone_model``; nested Sequential/Functional models too, and a
+rewritten by the package's one rewrite (``_graph.rewrite``); nested models too, and a
 shared layer gets one BN per call site. Layers named in ``skip``, already followed by BN, at
 the output (unless ``include_output``), inside a subclassed model, or shared with call sites
 that do not qualify are skipped, with the reason in the report. Notebook 03 shows each rule.
@@ -20,33 +20,32 @@ import numpy as np
 from keras import ops
 
 from bnutils._graph import (
+    ACTIVATION_LAYERS,
+    DROPOUT_LAYERS,
+    LINEAR_LAYERS,
     MODEL_OUTPUT,
+    SHAPE_LAYERS,
     LayerGraph,
+    has_linear_activation,
+    is_batchnorm,
     is_graph_model,
     require_graph_model,
+    rewrite,
     walk_layers,
 )
-from bnutils.scratch import ScratchBatchNormalization
+from bnutils.results import Report
 
 __all__ = ["DEFAULT_LAYER_TYPES", "InsertionReport", "insert_batchnorm"]
 
 _L = keras.layers
 #: The layer classes that get BN by default: Dense and every convolution type.
-DEFAULT_LAYER_TYPES: tuple[type, ...] = tuple(
-    getattr(_L, name)
-    for name in "Dense Conv1D Conv2D Conv3D SeparableConv1D SeparableConv2D DepthwiseConv1D "
-    "DepthwiseConv2D Conv1DTranspose Conv2DTranspose Conv3DTranspose".split()
-)
-_ACTIVATION_LAYERS = (_L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU, _L.PReLU, _L.Softmax)
-_TRANSPARENT_LAYERS = _ACTIVATION_LAYERS + tuple(  # no weights, no mixing of positions
-    getattr(_L, name)
-    for name in "Dropout SpatialDropout1D SpatialDropout2D SpatialDropout3D GaussianDropout "
-    "AlphaDropout GaussianNoise Identity Reshape Flatten".split()
-)
+DEFAULT_LAYER_TYPES: tuple[type, ...] = LINEAR_LAYERS
+# What an output passes through and is still the model's output: no weights, no mixing.
+_TRANSPARENT_LAYERS = ACTIVATION_LAYERS + DROPOUT_LAYERS + SHAPE_LAYERS
 
 
 @dataclasses.dataclass
-class InsertionReport:
+class InsertionReport(Report):
     """What :func:`insert_batchnorm` did, layer by layer (nested layers named ``outer/inner``).
 
     Attributes:
@@ -86,7 +85,7 @@ def insert_batchnorm(
     model: keras.Model,
     layer_types: Iterable[type] | type | None = None,
     skip: Iterable[str] | str = (),
-    position: str = "before",
+    bn_position: str = "before",
     include_output: bool = False,
     remove_bias: bool = True,
     preserve_outputs: bool = True,
@@ -104,7 +103,7 @@ def insert_batchnorm(
         layer_types: layer classes that get BN (subclasses included); default
             :data:`DEFAULT_LAYER_TYPES`.
         skip: names of layers that get no BN (at any nesting level).
-        position: ``"before"`` (layer -> BN -> activation) or ``"after"`` (layer -> activation
+        bn_position: ``"before"`` (layer -> BN -> activation) or ``"after"`` (layer -> activation
             -> BN), relative to the layer's own activation.
         include_output: also normalize the model's output layers.
         remove_bias: drop the bias of layers whose output goes linearly into BN.
@@ -120,7 +119,7 @@ def insert_batchnorm(
 
     Raises:
         TypeError: ``model`` is not Sequential or Functional, or an argument's type is wrong.
-        ValueError: an unknown position, names in ``skip`` that match no layer, BN arguments
+        ValueError: an unknown ``bn_position``, names in ``skip`` that match no layer, BN arguments
             the BN class rejects, or a layer that cannot be copied from its config.
     """
     require_graph_model(
@@ -129,9 +128,9 @@ def insert_batchnorm(
         "rewrite: add BatchNormalization there yourself, or rebuild it with keras.Sequential or "
         "keras.Model(inputs, outputs).",
     )
-    if position not in ("before", "after"):
+    if bn_position not in ("before", "after"):
         raise ValueError(
-            f"Unknown position={position!r}. Expected 'before' (layer -> BN -> activation) or "
+            f"Unknown bn_position={bn_position!r}. Expected 'before' (layer -> BN -> activation) or "
             "'after' (layer -> activation -> BN)."
         )
     if bn_layer is not None and not callable(bn_layer):
@@ -156,7 +155,7 @@ def insert_batchnorm(
         model,
         layer_types=types,
         skip=skip,
-        position=position,
+        position=bn_position,
         include_output=bool(include_output),
         remove_bias=bool(remove_bias),
         preserve_outputs=bool(preserve_outputs),
@@ -165,10 +164,6 @@ def insert_batchnorm(
     )
     new_model = inserter.rewrite(model, prefix="")
     return (new_model, inserter.report) if return_report else new_model
-
-
-def _is_linear(activation: Any) -> bool:
-    return activation is None or getattr(activation, "__name__", activation) == "linear"
 
 
 def _exact_gamma(moving_variance: np.ndarray, epsilon: float) -> np.ndarray:
@@ -211,25 +206,19 @@ def _unique(base: str, used: set) -> str:
     return name
 
 
-class _Inserter:
-    """The options, the report, and the copies made so far (old layer per new layer)."""
+class _Placement:
+    """Decides where BN goes: which call sites of the chosen layers may get one, and why not."""
 
-    def __init__(self, model: keras.Model, **options: Any):
-        vars(self).update(options)  # the arguments of insert_batchnorm, checked
-        self.report = InsertionReport(position=self.position)
-        self.bn_classes = (_L.BatchNormalization, ScratchBatchNormalization) + (
-            (self.bn_layer,) if isinstance(self.bn_layer, type) else ()
-        )
-        self.bn_has_beta = bool(getattr(self._make_bn("bnutils_probe_bn", None), "center", True))
+    def __init__(self, model, skip: set, include_output: bool, bn_classes: tuple, report):
         self.graph = LayerGraph(model)
+        self.skip = skip
+        self.include_output = include_output
+        self.bn_classes = bn_classes  # the BN class asked for, besides every is_batchnorm
+        self.report = report
         # The layers of every Sequential model: the order where there is no graph (not built).
         models = [model, *(m for _, m in walk_layers(model))]
         seqs = [m for m in models if isinstance(m, keras.Sequential)]
         self.lists = {id(x): m.layers for m in seqs for x in m.layers}
-        self.old: dict[int, Any] = {}  # id(new layer) -> the layer it copies
-        self.targets: dict[int, SimpleNamespace] = {}  # id(new layer) -> how it gets BN
-
-    # -- where each call of a layer leads
 
     def _sites(self, layer) -> list[tuple[Any, int]]:
         if n := self.graph.call_count(layer):
@@ -250,8 +239,11 @@ class _Inserter:
             for op, i in self._next(site)
         )
 
+    def _is_bn(self, op) -> bool:
+        return is_batchnorm(op) or isinstance(op, self.bn_classes)
+
     def _reason(self, site) -> str | None:
-        if self._leads_to(site, lambda op: isinstance(op, self.bn_classes), _ACTIVATION_LAYERS):
+        if self._leads_to(site, self._is_bn, ACTIVATION_LAYERS):
             return "already followed by batch normalization"
         if not self.include_output and self._leads_to(
             site, lambda op: op is MODEL_OUTPUT, _TRANSPARENT_LAYERS
@@ -259,7 +251,8 @@ class _Inserter:
             return "output layer (pass include_output=True to normalize it)"
         return None
 
-    def _gets_bn(self, layer, path: str) -> bool:
+    def gets_bn(self, layer, path: str) -> bool:
+        """Whether every call of ``layer`` may get BN; if not, the reason goes in the report."""
         reasons = [self._reason(site) for site in self._sites(layer)]
         if layer.name in self.skip:
             reasons = ["listed in `skip`"]
@@ -271,6 +264,36 @@ class _Inserter:
                 f"BN ({blocked[0]})"
             )
         return not blocked
+
+
+class _Inserter:
+    """Rewrites the model: copies each layer, adds BN where :class:`_Placement` allows."""
+
+    def __init__(
+        self,
+        model: keras.Model,
+        *,
+        layer_types: tuple,
+        skip: set,
+        position: str,
+        include_output: bool,
+        remove_bias: bool,
+        preserve_outputs: bool,
+        bn_layer: Callable[..., keras.layers.Layer],
+        bn_kwargs: dict,
+    ):
+        self.layer_types = layer_types
+        self.position = position
+        self.remove_bias = remove_bias
+        self.preserve_outputs = preserve_outputs
+        self.bn_layer = bn_layer
+        self.bn_kwargs = bn_kwargs
+        self.report = InsertionReport(position=position)
+        bn_classes = (bn_layer,) if isinstance(bn_layer, type) else ()
+        self.placement = _Placement(model, skip, include_output, bn_classes, self.report)
+        self.bn_has_beta = bool(getattr(self._make_bn("bnutils_probe_bn", None), "center", True))
+        self.old: dict[int, Any] = {}  # id(new layer) -> the layer it copies
+        self.targets: dict[int, SimpleNamespace] = {}  # id(new layer) -> how it gets BN
 
     def _make_bn(self, name: str, layer: Any) -> keras.layers.Layer:
         kwargs = dict(self.bn_kwargs)
@@ -304,7 +327,7 @@ class _Inserter:
             bn.beta.assign(mean if bias is None else (mean + bias).astype("float32"))
 
     def _clone(self, layer, prefix: str):
-        """The copy of ``layer`` (the ``clone_function`` of ``clone_model``)."""
+        """The copy of ``layer`` (the ``clone`` of ``_graph.rewrite``)."""
         if not isinstance(layer, _L.Layer):
             return layer  # a keras.ops operation: stateless, reused
         path = prefix + layer.name
@@ -317,11 +340,11 @@ class _Inserter:
                         f"inside subclassed model `{type(layer).__name__}`, which cannot be rewired"
                     )
         changes, target = {}, None
-        if isinstance(layer, self.layer_types) and self._gets_bn(layer, path):
+        if isinstance(layer, self.layer_types) and self.placement.gets_bn(layer, path):
             act = getattr(layer, "activation", None)
-            split = self.position == "before" and not _is_linear(act)
+            split = self.position == "before" and not has_linear_activation(layer)
             drop_bias = self.remove_bias and self.bn_has_beta and getattr(layer, "use_bias", False)
-            drop_bias = drop_bias and (self.position == "before" or _is_linear(act))
+            drop_bias = drop_bias and (self.position == "before" or has_linear_activation(layer))
             if split:
                 changes["activation"] = "linear"
                 self.report.split_activation.append(path)
@@ -341,42 +364,21 @@ class _Inserter:
     # -- models
 
     def rewrite(self, model: keras.Model, prefix: str) -> keras.Model:
-        used, listed = {layer.name for layer in model.layers}, []
+        used = {layer.name for layer in model.layers}
 
-        def call(new, *args, **kwargs):  # the `call_function` of `clone_model`
-            out = new(*args, **kwargs) if args else None  # no args: unbuilt Sequential
+        def after_call(new, out):
             if (old := self.old.pop(id(new), None)) is not None and new.built:
                 _copy_weights(old, new)  # once: a shared layer's later calls find no `old`
-            listed.append(new)
             if (t := self.targets.get(id(new))) is None:
-                return out
+                return out, []
             name = t.layer.name
             bn = self._make_bn(_unique(f"{name}_bn", used), t.layer)
             self.report.inserted.setdefault(t.path, []).append(bn.name)
             act = [_L.Activation(t.act, name=_unique(f"{name}_act", used))] if t.split else []
-            listed.extend([bn, *act])
-            if args:
+            if out is not None:  # None: an unbuilt Sequential model, nothing is called
                 out = bn(out)
                 self._init_bn(bn, t.bias)
-            return act[0](out) if args and act else out
+                out = act[0](out) if act else out
+            return out, [bn, *act]
 
-        if isinstance(model, keras.Sequential):  # clone_model takes no call_function for it
-            inputs = model.inputs if model.built else []
-            inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in inputs]
-            copies, x = {}, inputs
-            for layer in model.layers:
-                if id(layer) not in copies:
-                    copies[id(layer)] = self._clone(layer, prefix)
-                x = [y for y in [call(copies[id(layer)], *x)] if y is not None]
-            new_model = keras.Sequential(inputs + listed, name=model.name)
-            if model.compiled:
-                new_model.compile_from_config(model.get_compile_config())
-        else:
-            # Not `recursive=True`: Keras would not pass `call_function` to nested Sequential
-            # models; `_clone` rewrites nested models itself.
-            new_model = keras.models.clone_model(
-                model, clone_function=lambda layer: self._clone(layer, prefix), call_function=call
-            )
-        if not model.trainable:
-            new_model.trainable = False
-        return new_model
+        return rewrite(model, lambda layer: self._clone(layer, prefix), after_call)

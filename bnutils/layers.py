@@ -18,7 +18,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from bnutils._graph import is_batchnorm
+from bnutils._graph import is_batchnorm, is_graph_model, rewrite
 from bnutils._util import check_positive_int
 
 __all__ = [
@@ -293,10 +293,10 @@ class NoisyBatchNormalization(keras.layers.Layer):
 
 def convert_batchnorm(
     model: keras.Model,
-    bn_class: type[keras.layers.BatchNormalization] = FusedBatchNormalization,
+    bn_layer: type[keras.layers.BatchNormalization] = FusedBatchNormalization,
     **bn_kwargs: Any,
 ) -> keras.Model:
-    """A copy of ``model`` with every BN layer rebuilt as ``bn_class``, weights copied.
+    """A copy of ``model`` with every BN layer rebuilt as ``bn_layer``, weights copied.
 
     Each BN layer (nested models included) is rebuilt from its config plus ``bn_kwargs``; the
     original model is not modified.
@@ -305,29 +305,41 @@ def convert_batchnorm(
 
     Args:
         model: a Sequential or Functional model.
-        bn_class: ``keras.layers.BatchNormalization`` or a subclass.
+        bn_layer: ``keras.layers.BatchNormalization`` or a subclass.
         **bn_kwargs: config overrides for the new BN layers.
 
     Returns:
         The converted model, with the same weights as ``model``.
 
     Raises:
-        ValueError: ``bn_class`` is not a BatchNormalization class, or ``model`` is subclassed.
+        ValueError: ``bn_layer`` is not a BatchNormalization class.
+        TypeError: ``model`` is not a Sequential or Functional model (as for every transform).
     """
-    if not (isinstance(bn_class, type) and issubclass(bn_class, keras.layers.BatchNormalization)):
+    if not (isinstance(bn_layer, type) and issubclass(bn_layer, keras.layers.BatchNormalization)):
         raise ValueError(
-            "Expected `bn_class` to be keras.layers.BatchNormalization or a subclass of it, "
-            f"received {bn_class!r}."
+            "Expected `bn_layer` to be keras.layers.BatchNormalization or a subclass of it, "
+            f"received {bn_layer!r}."
         )
 
+    copies = {}  # one copy per layer, at every nesting level (a shared layer stays shared)
+
     def _clone(layer):
+        if id(layer) not in copies:
+            copies[id(layer)] = _copy(layer)
+        return copies[id(layer)]
+
+    def _copy(layer):
+        if is_graph_model(layer):
+            return rewrite(layer, _clone)
+        if not isinstance(layer, keras.layers.Layer):
+            return layer  # a keras.ops operation
         config = layer.get_config()
         if not is_batchnorm(layer):
             return layer.__class__.from_config(config)
-        if not issubclass(bn_class, GhostBatchNormalization):
+        if not issubclass(bn_layer, GhostBatchNormalization):
             config.pop("virtual_batch_size", None)
-        return bn_class.from_config({**config, **bn_kwargs})
+        return bn_layer.from_config({**config, **bn_kwargs})
 
-    converted = keras.models.clone_model(model, clone_function=_clone, recursive=True)
+    converted = rewrite(model, _clone)
     converted.set_weights(model.get_weights())
     return converted

@@ -18,6 +18,7 @@ from typing import Any
 
 import keras
 
+from bnutils._graph import is_batchnorm, rewrite
 from bnutils._util import check_choice, check_positive_int
 
 __all__ = [
@@ -281,16 +282,12 @@ def build_resnet(
     return _model(inputs, x, n, "resnet", name, num_classes, output_activation, kernel_initializer)
 
 
-class _PassThrough(keras.layers.Layer):
-    """Stands in for a removed BN layer; accepts the ``training``/``mask`` arguments BN got."""
-
-    def call(self, inputs, training=None, mask=None):
-        return inputs
-
-
 def _without_bn(layer):
-    if isinstance(layer, keras.layers.BatchNormalization):
-        return _PassThrough(name=layer.name)
+    """The ``clone`` of ``_graph.rewrite`` that drops every BN layer and copies the others."""
+    if is_batchnorm(layer):
+        return None
+    if not isinstance(layer, keras.layers.Layer):
+        return layer  # a keras.ops operation
     return layer.__class__.from_config(layer.get_config())
 
 
@@ -323,7 +320,7 @@ def build_resnet50(
     kw = {"input_shape": tuple(input_shape), "classes": num_classes, "classifier_activation": None}
     base = keras.applications.ResNet50(weights=None, **kw)
     if norm is None:
-        return keras.models.clone_model(base, clone_function=_without_bn)
+        return rewrite(base, _without_bn)
     if bn_layer is None and not bn_kwargs:
         return base
     from bnutils.layers import convert_batchnorm

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bnutils import config
-from bnutils._util import field
+from bnutils._util import field, nan_list
 from bnutils.evaluation import confusion_matrix
 from bnutils.stats import Summary, summarize
 
@@ -92,7 +92,7 @@ def _curve(run, metric: str) -> np.ndarray:
         values = field(run, key)
         values = history.get(key) if values is None else values
         if values is not None:
-            return np.asarray([math.nan if v is None else v for v in values], dtype=float)
+            return np.asarray(nan_list(values), dtype=float)
     raise ValueError(
         f"Run {field(run, 'run_name')!r} has no curve {metric!r}; use one of train_loss, "
         f"train_accuracy, val_loss, val_accuracy or a history key ({sorted(history)})."

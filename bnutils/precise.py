@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from bnutils._graph import find_batchnorm_layers
 from bnutils._util import check_choice, check_positive_int, preserved_state
+from bnutils.results import Report
 
 __all__ = [
     "BatchNormInputStats",
@@ -240,7 +241,7 @@ class LayerRecalibration:
 
 
 @dataclasses.dataclass
-class RecalibrationReport:
+class RecalibrationReport(Report):
     """What :func:`recalibrate_batchnorm` changed: a :class:`LayerRecalibration` per layer in
     forward order, the paths of frozen layers ``skipped``, batches and examples per pass, the
     ``passes`` (more than 1 when a recalibrated layer runs in inference mode) and ``variance``."""
@@ -256,11 +257,6 @@ class RecalibrationReport:
     def max_mean_gap(self) -> float:
         """The largest per-channel mean gap over all layers (0.0 when there are none)."""
         return max((r.max_mean_gap for r in self.layers), default=0.0)
-
-    def to_dicts(self) -> list[dict]:
-        """One plain dict per layer (layer, count, max_mean_gap, max_variance_ratio)."""
-        keys = ("count", "max_mean_gap", "max_variance_ratio")
-        return [{"layer": r.path, **{k: getattr(r, k) for k in keys}} for r in self.layers]
 
     def __str__(self) -> str:
         w = max([len("layer")] + [len(r.path) for r in self.layers])

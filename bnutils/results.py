@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from bnutils import config
-from bnutils._util import atomic_write_json, env_info
+from bnutils._util import atomic_write_json, env_info, json_safe
 
-__all__ = ["SCHEMA", "Table", "make_table", "read_result", "write_result"]
+__all__ = ["SCHEMA", "Report", "Table", "make_table", "read_result", "write_result"]
 
 SCHEMA = ("name", "date", "profile", "machine", "versions", "command")
 
@@ -36,6 +36,16 @@ def _fmt(value, digits: int) -> str:
             return f"{value:.{digits}g}"  # 3e-4 must not print as 0.000
         return f"{value:.{digits}f}"
     return str(value)
+
+
+class Report:
+    """The base of the package's reports (insertion, folding, precise BN, the doctor, batch
+    independence, the export check): dataclasses whose ``str()`` is a readable table and whose
+    :meth:`to_dict` is the same facts as JSON values (for :func:`write_result`)."""
+
+    def to_dict(self) -> dict:
+        """The report's fields, nested dataclasses included, as JSON values."""
+        return json_safe(dataclasses.asdict(self))
 
 
 @dataclasses.dataclass

@@ -15,9 +15,15 @@ from typing import Any
 import numpy as np
 
 from bnutils import config
-from bnutils._util import Progress, atomic_write_json, check_positive_int, json_safe, slug
+from bnutils._util import (
+    Progress,
+    atomic_write_json,
+    check_positive_int,
+    json_safe,
+    slug,
+)
 from bnutils.results import make_table
-from bnutils.training import train
+from bnutils.training import CURVES, train
 
 __all__ = [
     "SweepResult",
@@ -32,7 +38,6 @@ __all__ = [
 
 _TRAIN_KEYS = ("lr", "batch_size", "optimizer", "epochs")
 _BN_KEYS = {"bn_momentum": "momentum", "renorm": "renorm", "bn_epsilon": "epsilon"}
-_CURVES = ("val_accuracy", "val_loss", "train_loss", "train_accuracy")
 _FLAGS = ("best_val_accuracy", "total_time", "diverged", "divergence_message", "from_cache")
 
 
@@ -72,7 +77,7 @@ def _finite(value: Any, other: bool = False) -> bool:  # ``other``: for what is 
 
 def _train_metrics(result: Any) -> dict:
     """The last value of each curve of a :class:`bnutils.training.TrainResult`, and its flags."""
-    out = {k: getattr(result, k)[-1] if getattr(result, k) else math.nan for k in _CURVES}
+    out = {k: getattr(result, k)[-1] if getattr(result, k) else math.nan for k in CURVES}
     return {**out, **{k: getattr(result, k) for k in _FLAGS}}
 
 

@@ -23,7 +23,14 @@ import numpy as np
 from bnutils import cache
 from bnutils import config as _config
 from bnutils._graph import ends_in_softmax
-from bnutils._util import atomic_path, check_positive_int, env_info, json_safe, log_line
+from bnutils._util import (
+    atomic_path,
+    check_positive_int,
+    env_info,
+    json_safe,
+    log_line,
+    nan_list,
+)
 from bnutils.cache import FORMAT_VERSION
 from bnutils.callbacks import Tracker
 from bnutils.data import make_tf_dataset
@@ -37,7 +44,7 @@ _OPTIMIZERS = {
     "momentum": ("SGD", {"momentum": 0.9}, 0.01),
     "adam": ("Adam", {}, 1e-3),
 }
-_CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")  # history key: no train_
+CURVES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")  # history key: no train_
 # Callbacks that only watch or write files: they do not change a run, so they are not in its key
 # (a TensorBoard log folder is a path of one machine: in the key, no other clone would hit it).
 _OBSERVERS = (
@@ -124,10 +131,7 @@ class TrainResult:
             )
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
 
-        def nan_list(values):
-            return [math.nan if v is None else float(v) for v in values]
-
-        kw.update({n: nan_list(kw[n]) for n in _CURVES if n in kw})
+        kw.update({n: nan_list(kw[n]) for n in CURVES if n in kw})
         kw["history"] = {k: nan_list(v) for k, v in kw.get("history", {}).items()}
         try:
             return cls(**kw)
@@ -397,7 +401,7 @@ def train(
     record.update(dataset=dataset, augment=augment_name)
     record.update(callbacks=[type(cb).__name__ for cb in callbacks], user=config)
     record["profile"] = _config.get_profile().name
-    curves = {c: history.get(c.removeprefix("train_"), []) for c in _CURVES}
+    curves = {c: history.get(c.removeprefix("train_"), []) for c in CURVES}
     env, per_epoch = env_info(), math.ceil(len(data.x_train) / batch_size)
     saved = dict(steps_per_epoch=per_epoch, diverged=bool(message), divergence_message=message)
     saved.update(versions=env["versions"], machine=env["machine"], created=env["date"])

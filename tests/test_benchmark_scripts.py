@@ -138,7 +138,7 @@ def test_time_to_target_stops_at_the_target_or_when_slower_than_the_best(tta, ti
 def _row(model, epochs, rate, seconds, accuracy=0.9):
     return {
         "model": model,
-        "group": {"resnet_bn": "BN"}.get(model, "no BN"),
+        "group": "BN" if "bn" in model else "no BN",
         "schedule epochs": epochs,
         "rate": rate,
         "seconds": seconds,
@@ -184,12 +184,13 @@ def test_the_grid_runs_short_schedules_first_and_gives_up_against_its_groups_bes
     )
     out = tmp_path / "tta.json"
     report = tta.main(["--quick", "--output", str(out)])
-    # quick grids: resnet_bn 1 and 2 epochs, resnet 2, cnn_adam 2; one rate each
+    # quick grids: resnet_bn 1 and 2 epochs, resnet, cnn_adam and cnn_bn_adam 2; one rate each
     assert seen == [
         ("resnet_bn", 1, 0.4, None),
         ("resnet", 2, 0.05, None),  # 2 epochs: the models in rotated order
         ("cnn_adam", 2, 3e-3, 260.0),  # against the no-BN group's best so far
-        ("resnet_bn", 2, 0.4, None),
+        ("cnn_bn_adam", 2, 3e-3, None),  # the BN group has no time yet
+        ("resnet_bn", 2, 0.4, 300.0),  # against cnn_bn_adam's 300 s
     ]
     assert report["rows"][-1]["seconds"] == round(200 / 260, 3)
     saved = json.loads(out.read_text())

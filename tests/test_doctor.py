@@ -286,7 +286,8 @@ def test_suspicious_momentum_and_pytorch_epsilon(fmnist):
 
 def test_model_without_batchnorm():
     model = keras.Sequential([keras.Input((4,)), L.Dense(3), L.Dense(2)])
-    report = diagnose_batchnorm(model, np.ones((8, 4), "float32"))
+    with pytest.warns(UserWarning, match="nothing to diagnose"):  # nothing silent
+        report = diagnose_batchnorm(model, np.ones((8, 4), "float32"))
     assert report.codes() == ["no-batchnorm"] and report.ok and report.layers == []
 
 
@@ -369,3 +370,12 @@ def test_mobilenetv2_is_diagnosed():
     # Never trained, so never updated; nothing else is wrong with its architecture.
     assert report.codes() == ["moving-stats-never-updated"], str(report)
     assert report.seconds < 60
+
+
+def test_gaussian_noise_before_bn_is_reported_with_its_stddev():
+    inputs = keras.Input((6,))
+    x = L.GaussianNoise(0.3)(L.Dense(8, use_bias=False)(inputs))
+    model = keras.Model(inputs, L.Dense(2)(L.BatchNormalization()(x)))
+    report = diagnose_batchnorm(model, np.ones((8, 6), "float32"))
+    (finding,) = report.by_code("dropout-before-bn")
+    assert finding.evidence["stddev"] == 0.3 and finding.evidence["rate"] is None

@@ -237,7 +237,7 @@ def test_report_prints_and_bad_models_are_refused():
         def call(self, x):
             return x
 
-    with pytest.raises(ValueError, match="subclassed model `Sub`"):
+    with pytest.raises(TypeError, match="subclassed model `Sub`"):
         fold_batchnorm(Sub())
     with pytest.raises(ValueError, match="no known input shape"):
         fold_batchnorm(keras.Sequential([L.Dense(2), L.BatchNormalization()]))
@@ -278,3 +278,14 @@ def test_bnutils_bn_layers_fold():
     x = np.random.default_rng(12).normal(size=(4, 6, 6, 3)).astype("float32")
     folded, _ = _assert_folds_exactly(model, x, n_folded=2, n_kept=1)
     assert isinstance(folded.layers[-1], layers.FusedBatchNormalization)
+
+
+def test_folding_nothing_warns_and_says_why():
+    inputs = keras.Input((4,))
+    plain = keras.Model(inputs, keras.layers.Dense(3)(inputs), name="plain")
+    with pytest.warns(UserWarning, match="folded nothing in model 'plain': it has no BatchNorm"):
+        fold_batchnorm(plain)
+    hidden = keras.layers.Dense(3, activation="relu")(inputs)
+    kept = keras.Model(inputs, keras.layers.BatchNormalization()(hidden), name="kept")
+    with pytest.warns(UserWarning, match="kept 1 BN layer"):
+        fold_batchnorm(kept)

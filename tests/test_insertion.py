@@ -101,7 +101,7 @@ def test_original_model_is_untouched():
 def test_after_position_keeps_bias_and_activation():
     model = build_mlp(activation="relu")
     _randomize_biases(model)
-    new, report = insert_batchnorm(model, position="after", return_report=True)
+    new, report = insert_batchnorm(model, bn_position="after", return_report=True)
     assert report.removed_bias == [] and report.split_activation == []
     layer = new.get_layer("dense_1")
     assert layer.use_bias and layer.activation.__name__ == "relu"
@@ -117,7 +117,7 @@ def test_linear_layer_then_activation_layer_gets_bn_in_between():
     model = keras.Model(inputs, L.Dense(2, name="out")(x))
     _randomize_biases(model)
     for position in ("before", "after"):
-        new, report = insert_batchnorm(model, position=position, return_report=True)
+        new, report = insert_batchnorm(model, bn_position=position, return_report=True)
         assert [la.name for la in new.layers][1:] == ["d", "d_bn", "t", "out"]
         assert report.removed_bias == ["d"]  # linear into BN either way
         _assert_same_outputs(model, new, _rand(3, 6), atol=1e-6)
@@ -449,8 +449,8 @@ def test_subclassed_model_is_refused():
 
 def test_bad_arguments():
     model = build_mlp()
-    with pytest.raises(ValueError, match="position='middle'"):
-        insert_batchnorm(model, position="middle")
+    with pytest.raises(ValueError, match="bn_position='middle'"):
+        insert_batchnorm(model, bn_position="middle")
     with pytest.raises(ValueError, match=r"not in model .*\['dense_9'\]"):
         insert_batchnorm(model, skip=["dense_9"])
     with pytest.raises(TypeError, match="layer_types"):

@@ -609,3 +609,24 @@ def test_benchmark_builds_each_variant_and_reports_ratios():
     assert [r["bn"] for r in rows] == ["none", "fused"]
     with pytest.raises(ValueError, match="Unknown models"):
         bench.run(quick=True, models=("vgg",))
+
+
+def test_convert_keeps_compile_settings_and_shared_layers():
+    seq = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization()]
+    )
+    seq.compile(optimizer="sgd", loss="mse")
+    converted = convert_batchnorm(seq, FusedBatchNormalization)
+    assert converted.compiled and converted.get_compile_config() == seq.get_compile_config()
+    # a layer used both in the outer model and inside a nested one stays one layer
+    shared = keras.layers.Dense(4, name="shared")
+    inner_in = keras.Input((4,))
+    inner = keras.Model(inner_in, keras.layers.BatchNormalization()(shared(inner_in)), name="inner")
+    outer_in = keras.Input((4,))
+    outer = keras.Model(outer_in, inner(shared(outer_in)))
+    copy = convert_batchnorm(outer, FusedBatchNormalization)
+    assert len(copy.weights) == len(outer.weights)
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    np.testing.assert_allclose(
+        copy.predict(x, verbose=0), outer.predict(x, verbose=0), rtol=1e-5, atol=1e-6
+    )

@@ -196,3 +196,31 @@ def test_notebooks_04_and_05_define_their_shared_runs_alike():
     for name in shared:
         assert name in nb04 and name in nb05, f"{name} is not defined in both notebooks"
         assert nb04[name] == nb05[name], f"notebooks 04 and 05 define {name} differently"
+
+
+def test_make_run_says_where_it_is_within_a_notebook():
+    import io
+
+    import nbformat
+
+    tool = _tool()
+    v4 = nbformat.v4
+    nb = v4.new_notebook(
+        cells=[
+            v4.new_markdown_cell("# Setup\nsome words"),
+            v4.new_code_cell("a = 1"),
+            v4.new_code_cell("b = 2"),
+            v4.new_markdown_cell("## Training"),
+            v4.new_code_cell("c = 3"),
+        ]
+    )
+    out = io.StringIO()
+    progress = tool._CellProgress(nb, estimate=120.0, slow=0.0, out=out)
+    for i, cell in enumerate(nb.cells):
+        progress.on_cell_start(cell=cell, cell_index=i)
+        progress.on_cell_complete(cell=cell, cell_index=i)
+    lines = out.getvalue().splitlines()
+    assert lines[0].strip().startswith("Setup: cell 1/3, 0 s of ~120 s")
+    assert sum("Setup:" in line for line in lines) == 1  # once per section
+    assert any(line.strip().startswith("Training: cell 3/3") for line in lines)
+    assert sum("that cell took" in line for line in lines) == 3  # every code cell (slow=0)

@@ -25,12 +25,12 @@ def test_time_to_accuracy_lists_every_grid_point_after_the_best_ones():
 
 def test_best_accuracy_says_how_each_model_planned_its_epochs():
     plans = {
-        "bn": {"planned epochs": 8, "probed epoch seconds": 127.6},
-        "plain": {"planned epochs": 9, "probed epoch seconds": None},
+        "bn": {"planned epochs": 8, "from": "a probe of 128 s per epoch"},
+        "plain": {"planned epochs": 9, "from": "given (--epochs)"},
     }
     text = _tool()._render_best_accuracy({"settings": {"plans": plans}, "rows": [{"m": 1}]})
-    assert "- bn: 8 planned epochs, from a probe of 128 s per epoch" in text
-    assert "- plain: 9 planned epochs, as saved by the run that trained it" in text
+    assert "- bn: 8 planned epochs, from a probe of 128 s per epoch." in text
+    assert "- plain: 9 planned epochs, from given (--epochs)." in text
 
 
 def test_source_line_reads_the_one_result_schema():

@@ -110,6 +110,43 @@ def provenance(nb) -> dict:
     return {c.id: _cell_hashes(c) for c in nb.cells if c.cell_type == "code"}
 
 
+class _CellProgress:
+    """``make run``'s place within a notebook: a line at each section's first code cell and
+    after each cell that took ``slow`` seconds or more (cell n of N, the section, the time
+    spent, and the committed run's time as the estimate). Hooks of ``NotebookClient``."""
+
+    def __init__(self, nb, estimate: float | None, slow: float = 10.0, out=None):
+        self.code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+        self.sections, section = {}, ""
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type == "markdown":
+                heading = next((ln for ln in cell.source.splitlines() if ln.startswith("#")), "")
+                section = heading.lstrip("#").strip() or section
+            self.sections[i] = section
+        self.estimate, self.slow, self.out = estimate, slow, out or sys.stdout
+        self.start = self.cell_start = time.perf_counter()
+        self.last_section = None
+
+    def _where(self, index: int) -> str:
+        n = self.code.index(index) + 1 if index in self.code else 0
+        spent = time.perf_counter() - self.start
+        of = f" of ~{self.estimate:.0f} s" if self.estimate else ""
+        return f"cell {n}/{len(self.code)}, {spent:.0f} s{of}"
+
+    def on_cell_start(self, cell, cell_index, **kwargs):
+        self.cell_start = time.perf_counter()
+        section = self.sections.get(cell_index, "")
+        if cell.cell_type == "code" and section != self.last_section:
+            self.last_section = section
+            print(f"    {section or '(top)'}: {self._where(cell_index)}", file=self.out, flush=True)
+
+    def on_cell_complete(self, cell, cell_index, **kwargs):
+        took = time.perf_counter() - self.cell_start
+        if cell.cell_type == "code" and took >= self.slow:
+            where = self._where(cell_index)
+            print(f"    {where}: that cell took {took:.0f} s", file=self.out, flush=True)
+
+
 class _LogEcho:
     """Echo the job log's new lines while a notebook runs, and count its runs."""
 
@@ -209,8 +246,14 @@ def run(names: list[str]) -> None:
         print(f"[{i}/{len(selected)}] {p.name} [{profile}]: executing{guess}", flush=True)
         nb = nbformat.read(p, as_version=4)
         package = package_hash()  # what this notebook's kernel imports
+        progress = _CellProgress(nb, committed)
         client = NotebookClient(
-            nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(p.parent)}}
+            nb,
+            timeout=3600,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(p.parent)}},
+            on_cell_start=progress.on_cell_start,
+            on_cell_complete=progress.on_cell_complete,
         )
         expected = (before.get("runs") or {}).get("total")
         kernel_log = log_path.parent / f"kernel-{p.stem}.log"  # TensorFlow's C++ and oneDNN lines

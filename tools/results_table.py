@@ -105,13 +105,7 @@ def _render_best_accuracy(d) -> str:
     """The rows, plus how the epochs were planned."""
     out = _render_rows(d)
     for model, plan in d.get("settings", {}).get("plans", {}).items():
-        probed = plan.get("probed epoch seconds")
-        how = (
-            f"from a probe of {probed:.0f} s per epoch (training and validation)"
-            if probed
-            else "as saved by the run that trained it"
-        )
-        out += f"- {model}: {plan['planned epochs']} planned epochs, {how}.\n"
+        out += f"- {model}: {plan['planned epochs']} planned epochs, from {plan['from']}.\n"
     return out
 
 
@@ -140,26 +134,20 @@ def _render_bn_profile(d) -> str:
             + "\n\n"
         )
         out.append(
-            f"- Bandwidth (median of the candidates): "
-            f"{floor['bandwidth GB/s (median of the candidates)']} GB/s. Fused BN + ReLU makes "
-            f"{floor['extra passes']} passes more than bias add + ReLU: a floor of "
-            f"{floor['floor of the extra, ms (extra passes x bytes / bandwidth)']} ms at that "
-            f"bandwidth; measured alone "
-            f"{floor['fused BN + ReLU minus bias add + ReLU, ms']} ms, inside the training "
-            f"step {floor['fused step minus none step, ms']} ms. The floor alone is "
-            f"{floor['share of the no-BN step the floor allows']:.0%} of the no-BN step.\n"
+            f"- BN's floor: fused BN + ReLU makes {floor['extra passes']} more passes over the "
+            f"activations than the no-BN twin, which pays for {floor['no-BN twin pays']}; at "
+            f"the copy's {floor['bandwidth GB/s (copy)']} GB/s that is "
+            f"{floor['floor of the extra, ms']} ms, {floor['floor / no-BN step']:.1%} of the "
+            f"no-BN step. Measured: {floor['measured alone, ms']} ms alone, "
+            f"{floor['fused step minus none step, ms']} ms inside the training step. A kernel "
+            f"doing BN + ReLU in one pass each way would make "
+            f"{floor['one-kernel BN + ReLU: extra passes']} extra passes "
+            f"({floor['one-kernel floor / no-BN step']:.1%} of the step).\n"
         )
-        over_relu = floor.get("floor of the extra over ReLU alone, ms")
-        if over_relu is not None:
-            passes = floor["extra passes over ReLU alone (no-BN bias fused into the convolution)"]
-            out.append(
-                f"- Over ReLU alone (under oneDNN the no-BN twin's bias add is fused into its "
-                f"convolution): {passes} extra passes, a floor of {over_relu} ms.\n"
-            )
     remapper = d.get("remapper")
     if remapper:
         said = "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in remapper.items())
-        out.append(f"- In the traced steps, TensorFlow's remapper fused {said}.\n")
+        out.append(f"- TensorFlow's remapper, in the traced steps: {said}.\n")
     return "".join(out)
 
 
