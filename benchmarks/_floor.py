@@ -23,6 +23,7 @@ for bias add + ReLU, or for ReLU alone where oneDNN fuses the bias add into the 
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import _harness
@@ -162,7 +163,7 @@ def measure(
         return calls_of
 
     wall = _harness.interleaved({k: loop(f) for k, f in fns.items()}, repeats=repeats)["wall"]
-    elements = sum(int(_prod(s)) for s in shapes)
+    elements = sum(math.prod(s) for s in shapes)
     nbytes = 4 * elements
     seconds = {name: statistics.median(wall[name]) / calls for name in fns}
     speed = {name: passes[name] * nbytes / seconds[name] for name in fns}  # bytes per second
@@ -193,10 +194,3 @@ def measure(
         "one-kernel BN + ReLU: extra passes": ideal,
         "one-kernel BN + ReLU: floor, ms": round(max(ideal, 0) * nbytes / bandwidth * 1e3, 2),
     }
-
-
-def _prod(shape) -> int:
-    out = 1
-    for d in shape:
-        out *= int(d)
-    return out

@@ -221,7 +221,6 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
     floor["one-kernel floor / no-BN step"] = round(
         floor["one-kernel BN + ReLU: floor, ms"] / none_step, 3
     )
-    total_none = sum(breakdown["none"].values())
     other = {v: breakdown[v]["other"] / sum(breakdown[v].values()) for v in VARIANTS}
     return {
         "settings": {**cfg, "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")},
@@ -243,7 +242,6 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
             {"type": op_type, "category": category, "example": name}
             for (op_type, category), name in sorted(seen.items())
         ],
-        "no-BN op ms per step": round(total_none, 1),
         "notes": [
             "Op times are sums over the two compute threads, which overlap; compare them "
             "between variants, not with the wall time. Step ratios are medians of per-repeat "
