@@ -3,6 +3,18 @@
 The notebooks show each idea in plain Keras first; this package holds what Keras does not do
 (inserting and folding BN, precise BN, the BN doctor, statistics over seeds) and the plumbing
 every notebook shares. Importing it imports Keras and its submodules, and nothing runs on import.
+
+One convention for what a function does to your model:
+
+- a function that builds a model from yours (``insert_batchnorm``, ``fold_batchnorm``,
+  ``convert_batchnorm``) returns a new model and leaves yours as it was; with
+  ``return_report=True`` it returns ``(model, report)``, and it warns when it changed nothing;
+- a function that only updates weights (``recalibrate_batchnorm``) works in place, as ``fit``
+  does, and returns its report, as ``fit`` returns its History; it raises when there is nothing
+  to update;
+- every report is a :class:`bnutils.results.Report` (a table as ``str()``, JSON as
+  ``to_dict()``); a model that cannot be rewritten (subclassed) raises ``TypeError``, a bad
+  argument ``ValueError``, each message saying what was received and what was expected.
 """
 
 __version__ = "0.3.0"
@@ -53,6 +65,7 @@ from bnutils.folding import FoldReport, fold_batchnorm
 from bnutils.inference import BatchIndependenceReport, check_batch_independence
 from bnutils.insertion import InsertionReport, insert_batchnorm
 from bnutils.layers import (
+    ConversionReport,
     FusedBatchNormalization,
     GhostBatchNormalization,
     NoisyBatchNormalization,

@@ -137,9 +137,10 @@ class Dataset:
         return dataclasses.replace(self, **cut)
 
     def summary(self) -> str:
+        """Name, split shapes and scaling (where it was read is in ``source``)."""
         return (
-            f"{self.name} from {self.source}: train {self.x_train.shape}, "
-            f"val {self.x_val.shape}, test {self.x_test.shape}, scale={self.scale!r}"
+            f"{self.name}: train {self.x_train.shape}, val {self.x_val.shape}, "
+            f"test {self.x_test.shape}, scale={self.scale!r}"
         )
 
 

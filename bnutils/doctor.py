@@ -66,7 +66,6 @@ _FIXES = {
     "0.9). Keras's defaults are 0.99 and epsilon=1e-3; keep 1e-5 only for PyTorch weights.",
 }
 
-_DROPOUT, _SHAPE_ONLY = DROPOUT_LAYERS, SHAPE_LAYERS
 _ELEMENTWISE = tuple(t for t in ACTIVATION_LAYERS if t is not keras.layers.Softmax)
 _MEAN_GAP, _VARIANCE_RATIO = 0.8, 2.5  # moving-stats-mismatch thresholds (module docstring)
 
@@ -210,15 +209,15 @@ def _structure_findings(model, bn_layers, found: _Findings) -> None:
                 msg = f"`{p.name}` ({type(p).__name__}) adds a bias that BN `{bn.name}` subtracts"
                 ev = {"bias_parameters": int(np.prod(p.bias.shape)), "source": p.name}
                 found.add("redundant-bias", "info", path, msg + " again with the mean.", ev)
-        for p in graph.walk_back(bn, _SHAPE_ONLY + _ELEMENTWISE):
-            if isinstance(p, _DROPOUT):
+        for p in graph.walk_back(bn, SHAPE_LAYERS + _ELEMENTWISE):
+            if isinstance(p, DROPOUT_LAYERS):
                 msg = f"`{p.name}` ({type(p).__name__}) feeds BN `{bn.name}`: BN's moving variance"
                 msg += " is measured with dropout on and applied with it off."
                 ev = {"source": p.name, "rate": getattr(p, "rate", None)}
                 if not hasattr(p, "rate"):  # GaussianNoise: noise of this standard deviation
                     ev["stddev"] = getattr(p, "stddev", None)
                 found.add("dropout-before-bn", "warning", path, msg, ev)
-        for p in graph.walk_back(bn, _SHAPE_ONLY):
+        for p in graph.walk_back(bn, SHAPE_LAYERS):
             if (act := _activation(p)) in ("softmax", "log_softmax"):
                 msg = f"BN `{bn.name}` normalizes the softmax output of `{p.name}`."
                 ev = {"source": p.name, "activation": act}
@@ -235,7 +234,7 @@ def _structure_findings(model, bn_layers, found: _Findings) -> None:
             found.add("training-false-overridden", "warning", live, msg, ev)
     # BN as the model's output (possibly after reshapes), merged with a softmax finding.
     for out in graph.output_layers():
-        for op in graph.walk_back(out, _SHAPE_ONLY) if isinstance(out, _SHAPE_ONLY) else [out]:
+        for op in graph.walk_back(out, SHAPE_LAYERS) if isinstance(out, SHAPE_LAYERS) else [out]:
             if (path := paths.get(id(op))) is None:
                 continue
             code = "bn-after-softmax-or-output"
@@ -244,7 +243,7 @@ def _structure_findings(model, bn_layers, found: _Findings) -> None:
                 msg = found[same[0]].message[:-1] + ", and is the model's last layer."
                 found.amend(same[0], msg, is_output=True)
                 continue
-            acts = ",".join(a for p in graph.walk_back(op, _SHAPE_ONLY) if (a := _activation(p)))
+            acts = ",".join(a for p in graph.walk_back(op, SHAPE_LAYERS) if (a := _activation(p)))
             msg = f"BN `{op.name}` is the model's last layer: its output is the prediction."
             found.add(code, "warning", path, msg, {"is_output": True, "activation": acts or "none"})
 

@@ -8,8 +8,8 @@ layer (no activation in between) that map merges into the layer's kernel and bia
     bias'   = (bias - moving_mean) * scale + beta
 
 :func:`fold_batchnorm` rewrites the model with the package's one rewrite (``_graph.rewrite``;
-nested models included), drops every foldable BN, copies all other weights and reports which pairs it folded
-and why it kept the rest. The result is for inference only: it must not be trained.
+nested models included), drops every foldable BN, copies all other weights and reports which
+pairs it folded and why it kept the rest. The result is for inference only: it must not be trained.
 """
 
 from __future__ import annotations
@@ -106,11 +106,9 @@ def fold_batchnorm(model: keras.Model, return_report: bool = False):
     report.params_before = int(model.count_params())
     report.params_after = int(folded.count_params())
     if not report.folded:  # nothing silent: a copy that changes nothing says so, as Keras does
-        why = (
-            f"kept {len(report.kept)} BN layer(s); see the report"
-            if report.kept
-            else ("it has no BatchNormalization layer (nested ones included)")
-        )
+        why = "it has no BatchNormalization layer (nested ones included)"
+        if report.kept:
+            why = f"kept {len(report.kept)} BN layer(s); see the report"
         warnings.warn(
             f"fold_batchnorm folded nothing in model {model.name!r}: {why}.", stacklevel=2
         )

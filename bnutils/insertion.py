@@ -11,6 +11,7 @@ that do not qualify are skipped, with the reason in the report. Notebook 03 show
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable
 from types import SimpleNamespace
 from typing import Any
@@ -117,6 +118,9 @@ def insert_batchnorm(
     Returns:
         The new model (compiled like ``model`` if it was), or ``(model, report)``.
 
+    Warns:
+        UserWarning: no BN was inserted (no layer of ``layer_types``, or every one skipped).
+
     Raises:
         TypeError: ``model`` is not Sequential or Functional, or an argument's type is wrong.
         ValueError: an unknown ``bn_position``, names in ``skip`` that match no layer, BN arguments
@@ -163,7 +167,16 @@ def insert_batchnorm(
         bn_kwargs=bn_kwargs,
     )
     new_model = inserter.rewrite(model, prefix="")
-    return (new_model, inserter.report) if return_report else new_model
+    report = inserter.report
+    if not report.bn_count:  # nothing silent: a copy that changes nothing says so
+        kinds = "Dense and convolution layers" if layer_types is None else "layer_types"
+        why = f"all {len(report.skipped)} {kinds} were skipped (the report's `skipped` says why)"
+        if not report.skipped:
+            why = f"it has no {kinds}"
+        warnings.warn(
+            f"insert_batchnorm inserted nothing in model {model.name!r}: {why}.", stacklevel=2
+        )
+    return (new_model, report) if return_report else new_model
 
 
 def _exact_gamma(moving_variance: np.ndarray, epsilon: float) -> np.ndarray:

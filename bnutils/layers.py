@@ -12,7 +12,9 @@ so weights move between them with ``set_weights`` or ``tf.train.Checkpoint``. Us
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from typing import Any
 
 import keras
@@ -20,8 +22,10 @@ from keras import ops
 
 from bnutils._graph import is_batchnorm, is_graph_model, rewrite
 from bnutils._util import check_positive_int
+from bnutils.results import Report
 
 __all__ = [
+    "ConversionReport",
     "FusedBatchNormalization",
     "GhostBatchNormalization",
     "NoisyBatchNormalization",
@@ -291,11 +295,30 @@ class NoisyBatchNormalization(keras.layers.Layer):
         return config
 
 
+@dataclasses.dataclass
+class ConversionReport(Report):
+    """What :func:`convert_batchnorm` did.
+
+    Attributes:
+        bn_layer: the class the BN layers became.
+        converted: ``(name, old class)`` of each converted BN layer (a shared layer once).
+    """
+
+    bn_layer: str = ""
+    converted: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"Converted {len(self.converted)} BN layer(s) to {self.bn_layer}."]
+        lines += [f"  {name}: {old} -> {self.bn_layer}" for name, old in self.converted]
+        return "\n".join(lines)
+
+
 def convert_batchnorm(
     model: keras.Model,
     bn_layer: type[keras.layers.BatchNormalization] = FusedBatchNormalization,
+    return_report: bool = False,
     **bn_kwargs: Any,
-) -> keras.Model:
+):
     """A copy of ``model`` with every BN layer rebuilt as ``bn_layer``, weights copied.
 
     Each BN layer (nested models included) is rebuilt from its config plus ``bn_kwargs``; the
@@ -306,10 +329,15 @@ def convert_batchnorm(
     Args:
         model: a Sequential or Functional model.
         bn_layer: ``keras.layers.BatchNormalization`` or a subclass.
+        return_report: also return a :class:`ConversionReport`.
         **bn_kwargs: config overrides for the new BN layers.
 
     Returns:
-        The converted model, with the same weights as ``model``.
+        The converted model, with the same weights as ``model``; with ``return_report=True``,
+        ``(model, report)``.
+
+    Warns:
+        UserWarning: the model has no BN layer to convert (the copy changes nothing).
 
     Raises:
         ValueError: ``bn_layer`` is not a BatchNormalization class.
@@ -338,8 +366,16 @@ def convert_batchnorm(
             return layer.__class__.from_config(config)
         if not issubclass(bn_layer, GhostBatchNormalization):
             config.pop("virtual_batch_size", None)
+        report.converted.append((layer.name, type(layer).__name__))
         return bn_layer.from_config({**config, **bn_kwargs})
 
+    report = ConversionReport(bn_layer=bn_layer.__name__)
     converted = rewrite(model, _clone)
     converted.set_weights(model.get_weights())
-    return converted
+    if not report.converted:  # nothing silent, as fold_batchnorm
+        warnings.warn(
+            f"convert_batchnorm converted nothing in model {model.name!r}: it has no "
+            "BatchNormalization layer. Add BN first (bnutils.insert_batchnorm).",
+            stacklevel=2,
+        )
+    return (converted, report) if return_report else converted

@@ -135,6 +135,8 @@ def plot_learning_curves(
     Raises:
         ValueError: no runs, or a run without one of the metrics.
     """
+    from matplotlib.ticker import MaxNLocator
+
     groups = _group(runs)
     if not groups or not any(groups.values()):
         raise ValueError("plot_learning_curves needs at least one run, received none.")
@@ -152,6 +154,7 @@ def plot_learning_curves(
             if len(group) > 1:
                 ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
         ax.set(xlabel="epoch", ylabel=_LABELS.get(metric, metric))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no fractional epochs
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     return _finish(axes, name, title)

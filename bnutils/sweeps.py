@@ -15,13 +15,7 @@ from typing import Any
 import numpy as np
 
 from bnutils import config
-from bnutils._util import (
-    Progress,
-    atomic_write_json,
-    check_positive_int,
-    json_safe,
-    slug,
-)
+from bnutils._util import Progress, atomic_write_json, check_positive_int, json_safe, slug
 from bnutils.results import make_table
 from bnutils.training import CURVES, train
 
@@ -174,7 +168,7 @@ def _sweep_path(name: str, create: bool = True):
 
 
 def run_sweep(
-    name: str, grid: Mapping, trial_fn: Callable, seeds: int | Sequence, *, verbose: bool = True
+    name: str, grid: Mapping, trial_fn: Callable, seeds: int | Sequence, *, verbose: bool = False
 ) -> SweepResult:
     """Run ``trial_fn(params, seed)`` for every grid point and seed; save it for :func:`load_sweep`.
 
@@ -184,6 +178,8 @@ def run_sweep(
         trial_fn: returns a dict of metrics or a ``TrainResult``. A non-finite metric,
             ``"diverged": True`` or a ``FloatingPointError`` marks the trial diverged.
         seeds: a count (``3``: seeds 0, 1, 2) or a list of distinct seeds.
+        verbose: also print each trial's progress line to stderr; the line is written to the
+            job log ``$BNUTILS_LOG`` when that is set, as ``make run`` does (and echoes it).
     """
     if not isinstance(name, str) or not name.strip() or not callable(trial_fn):
         raise TypeError(

@@ -619,3 +619,14 @@ def test_layer_graph_counts_only_the_calls_in_the_graph():
     assert len(seq.get_layer("a")._inbound_nodes) > 1 and g.call_count(seq.get_layer("a")) == 1
     assert g.consumers(seq.get_layer("a")) == [(seq.get_layer("b"), 0)]
     assert g.consumers(seq.get_layer("c")) == [(MODEL_OUTPUT, 0)]
+
+
+def test_inserting_nothing_warns_and_says_why():
+    inputs = keras.Input((4,))
+    x = keras.layers.BatchNormalization()(keras.layers.Dense(3, name="dense")(inputs))
+    already = keras.Model(inputs, keras.layers.Dense(2, name="out")(x))
+    with pytest.warns(UserWarning, match=r"all 2 Dense and convolution layers were skipped"):
+        insert_batchnorm(already)
+    pooled = keras.Model(inputs, keras.layers.Activation("relu")(inputs))
+    with pytest.warns(UserWarning, match="it has no layer_types"):
+        insert_batchnorm(pooled, layer_types=[keras.layers.Conv2D])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -312,6 +313,29 @@ def test_convert_batchnorm_swaps_class_and_keeps_weights(bn_class, kwargs):
     np.testing.assert_allclose(back.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
     with pytest.raises(ValueError, match="BatchNormalization"):
         convert_batchnorm(model, keras.layers.LayerNormalization)
+
+
+def test_convert_batchnorm_reports_what_it_converted_and_warns_when_nothing():
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.BatchNormalization(name="bn")(keras.layers.Conv2D(3, 3)(inputs))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    converted, report = convert_batchnorm(model, FusedBatchNormalization, return_report=True)
+    assert isinstance(converted, keras.Model)
+    assert report.converted == [("bn", "BatchNormalization")]
+    assert "Converted 1 BN layer(s) to FusedBatchNormalization" in str(report)
+    assert report.to_dict()["bn_layer"] == "FusedBatchNormalization"
+    shared = keras.layers.BatchNormalization(name="shared_bn")  # called twice: one entry
+    nested = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.BatchNormalization()])
+    y = keras.layers.Add()([shared(inputs), shared(nested(inputs))])
+    twice = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _, report = convert_batchnorm(twice, FusedBatchNormalization, return_report=True)
+    assert len(report.converted) == 2, report.converted
+    plain = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
+    with pytest.warns(UserWarning, match="converted nothing in model"):
+        _, empty = convert_batchnorm(plain, return_report=True)
+    assert empty.converted == []
 
 
 def _train_a_little_gap(model):

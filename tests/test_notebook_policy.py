@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -224,3 +225,94 @@ def test_make_run_says_where_it_is_within_a_notebook():
     assert sum("Setup:" in line for line in lines) == 1  # once per section
     assert any(line.strip().startswith("Training: cell 3/3") for line in lines)
     assert sum("that cell took" in line for line in lines) == 3  # every code cell (slow=0)
+
+
+def test_the_prose_stays_within_its_budget():
+    tool = _tool()
+    counts = {p.name: tool.prose_words(p) for p in tool.notebooks()}
+    assert sum(counts.values()) <= tool.PROSE_BUDGET, counts
+
+
+def test_prose_words_skip_the_navigation_and_the_code(tmp_path):
+    tool = _tool()
+    v4 = nbformat.v4
+    nb = v4.new_notebook(
+        cells=[
+            v4.new_markdown_cell(f"{tool.NAV_MARK}\n[Index](../README.md) | Next: [x](x.ipynb)"),
+            v4.new_markdown_cell("# Title\n\nFour words of prose."),
+            v4.new_code_cell("print('not prose at all')"),
+        ]
+    )
+    path = tmp_path / "01_x.ipynb"
+    nbformat.write(nb, path)
+    assert tool.prose_words(path) == 6
+
+
+_SECTION_LINK = re.compile(
+    r"\]\(([\w.]+\.ipynb)\)[^\[]{0,40}?sections? ((?:\"[^\"]+\"[ ,andor]*)+)"
+)
+
+
+def _headings(path: Path) -> set[str]:
+    nb = nbformat.read(path, as_version=4)
+    found = set()
+    for c in nb.cells:
+        if c.cell_type != "markdown":
+            continue
+        for line in c.source.splitlines():
+            if line.startswith("#"):
+                heading = line.lstrip("#").strip()
+                found |= {heading, heading.split(":")[0]}  # "Pitfall 1" names "Pitfall 1: ..."
+    return found
+
+
+def test_links_to_a_section_of_another_notebook_name_a_heading_it_has():
+    """Each lesson lives in one place and the others link to it by section name: a renamed
+    heading must not leave a link pointing nowhere."""
+    tool = _tool()
+    headings = {p.name: _headings(p) for p in tool.notebooks()}
+    broken, checked = [], 0
+    for p in tool.notebooks():
+        nb = nbformat.read(p, as_version=4)
+        for c in nb.cells:
+            if c.cell_type != "markdown":
+                continue
+            for m in _SECTION_LINK.finditer(" ".join(c.source.split())):
+                target = m.group(1)
+                for section in re.findall(r"\"([^\"]+)\"", m.group(2)):
+                    checked += 1
+                    if section not in headings.get(target, ()):
+                        broken.append(f"{p.name} -> {target}: {section!r}")
+    assert checked >= 10, f"only {checked} section links found: is the pattern still right?"
+    assert not broken, broken
+
+
+_NOISY_OUTPUT = {
+    "a per-epoch log line": re.compile(r"^Epoch \d+/\d+$|\d+/\d+ - \d+s - ", re.M),
+    "a per-trial progress line": re.compile(r"^\[\d+/\d+\] sweep ", re.M),
+    "a raw dataclass repr": re.compile(r"\b(Table|SweepResult|TrainResult)\((rows|name|run_name)="),
+    "a machine path": re.compile(r"(/usr/|/root/|/home/|/tmp/|site-packages|ipykernel_)"),
+    "a TensorFlow log line": re.compile(
+        r"^[EIWF]\d{4} \d\d:\d\d:\d\d|^(INFO|WARNING):tensorflow:", re.M
+    ),
+}
+
+
+def test_committed_outputs_are_quiet():
+    """What a reader sees under a cell is the result: no training logs, progress lines, raw
+    reprs, paths of the machine that ran it or TensorFlow's log lines (logs go to files)."""
+    tool = _tool()
+    found = []
+    for p in tool.notebooks():
+        nb = nbformat.read(p, as_version=4)
+        for i, c in enumerate(nb.cells):
+            if c.cell_type != "code":
+                continue
+            for o in c.outputs:
+                text = o.get("text", "") or str(o.get("data", {}).get("text/plain", ""))
+                found += [
+                    f"{p.name} cell {i}: {what}"
+                    for what, pattern in _NOISY_OUTPUT.items()
+                    if pattern.search(text)
+                ]
+    assert not found, found

@@ -55,9 +55,19 @@ def _by_key(result: SweepResult) -> dict:
 # ---------------------------------------------------------------- the runner
 
 
+def test_a_sweep_is_quiet_unless_asked_and_its_lines_reach_the_job_log(
+    capsys, tmp_path, monkeypatch
+):
+    log = tmp_path / "run.log"
+    monkeypatch.setenv("BNUTILS_LOG", str(log))
+    run_sweep("quiet sweep", {"lr": [0.1]}, FakeTrial(), seeds=1)
+    assert capsys.readouterr().err == ""
+    assert "[1/1] sweep quiet sweep" in log.read_text()
+
+
 def test_every_trial_runs_in_grid_order_and_the_sweep_is_saved(capsys):
     trial = FakeTrial()
-    result = run_sweep("my sweep", GRID, trial, seeds=[3, 5])
+    result = run_sweep("my sweep", GRID, trial, seeds=[3, 5], verbose=True)
     err = capsys.readouterr().err  # one progress line per trial
     assert "[1/12] sweep my sweep: " in err and "; done" in err.splitlines()[-1]
     assert "from its record" not in err

@@ -3,6 +3,7 @@
     python tools/notebooks.py run [--fresh] [NAME ...]  # execute in place ($BNUTILS_PROFILE)
     python tools/notebooks.py nav                       # rewrite the navigation lines
     python tools/notebooks.py check                     # verify the committed-output policy
+    python tools/notebooks.py words                     # prose words per notebook (budget)
 
 ``run`` reads training runs from their committed records (``results/runs/``) and trains only
 what has no record; ``--fresh`` retrains every run recorded before the fresh job started, and
@@ -396,6 +397,19 @@ def check_notebook(p: Path) -> list[str]:
     return problems
 
 
+PROSE_BUDGET = 8_280  # words of prose in the whole suite (issue 28)
+
+
+def prose_words(path: Path) -> int:
+    """Words in a notebook's markdown cells, navigation lines excluded: what a reader reads."""
+    nb = nbformat.read(path, as_version=4)
+    return sum(
+        len(c.source.split())
+        for c in nb.cells
+        if c.cell_type == "markdown" and not c.source.startswith(NAV_MARK)
+    )
+
+
 def stale() -> list[str]:
     """The notebooks executed against a package source other than today's."""
     current = package_hash()
@@ -413,6 +427,11 @@ if __name__ == "__main__":
         run(sys.argv[2:])
     elif cmd == "nav":
         nav()
+    elif cmd == "words":
+        counts = {p.name: prose_words(p) for p in notebooks()}
+        for name, n in counts.items():
+            print(f"{n:6,d}  {name}")
+        print(f"{sum(counts.values()):6,d}  in all (budget {PROSE_BUDGET:,d})")
     elif cmd == "check":
         found = check()
         print("\n".join(found) or "notebook output policy: OK")

@@ -197,6 +197,11 @@ _SECTIONS = [
     ),
     ("tuning_summary.json", "Hyperparameters (notebook 06)", _render_rows),
     (
+        "test_time_adaptation.json",
+        "Test-time adaptation: BN statistics re-estimated on shifted inputs (appendix A3)",
+        _render_rows,
+    ),
+    (
         "bench_bn_layers.json",
         "Training-step cost of BN layers (benchmarks/bench_bn_layers.py)",
         _render_rows,
