@@ -316,7 +316,7 @@ def test_reruns_and_resumed_sweeps_hit_the_run_cache(data, capsys):
     resumed = run_sweep("cache", grid, trial, seeds=2, verbose=False)
     assert [t["from_cache"] for t in resumed.trials] == [True, True, True, False]
     assert (resumed.computed, resumed.cached) == (1, 3), "only the missing trial trains"
-    again = run_sweep("cache", grid, trial, seeds=2)
+    again = run_sweep("cache", grid, trial, seeds=2, verbose=True)
     assert (again.computed, again.cached) == (0, 4), "a finished sweep trains nothing"
     assert capsys.readouterr().err.count("from its record") == 4
     assert _by_key(again) == _by_key(resumed)
