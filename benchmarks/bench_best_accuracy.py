@@ -132,6 +132,7 @@ def run_one(model_name: str, ds, cfg: dict, epochs: int, seed: int, profile: str
         "test accuracy": None if test is None else round(test, 4),
         "test accuracy, flip TTA": None if tta is None else round(tta, 4),
         "goal (>= 94.0% in <= 20 min)": "met" if met else "not met",
+        "trained (UTC)": result.created[:16],  # a run read from its record keeps its own seconds
     }
 
 
@@ -187,7 +188,9 @@ def run(
         "notes": [
             f"Training seconds count fit (validation after each epoch included), not the probe "
             f"that planned the epochs nor the test evaluation. The goal counts the better of the "
-            f"plain and the flip-TTA test accuracy and a run of at most {cfg['budget_s']} s.",
+            f"plain and the flip-TTA test accuracy and a run of at most {cfg['budget_s']} s. "
+            f"A run read from its record keeps the seconds of the machine that trained it "
+            f"(`trained`, from the record; the source line names the machine of this file).",
         ],
     }
 
