@@ -202,8 +202,6 @@ def test_notebooks_04_and_05_define_their_shared_runs_alike():
 def test_make_run_says_where_it_is_within_a_notebook():
     import io
 
-    import nbformat
-
     tool = _tool()
     v4 = nbformat.v4
     nb = v4.new_notebook(
